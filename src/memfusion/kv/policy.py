@@ -1,0 +1,317 @@
+"""The base policy: what a policy stores per layer and how attention reads it.
+
+A policy is a config dataclass (``PolicyConfig``) that builds one ``KVLayer`` per model layer.
+The model calls ``Cache.update`` (which stores nothing: it returns the new K/V untouched) and
+then memfusion's attention function, which calls ``KVLayer.attend(q, k, v, valid, scaling)``:
+the layer stores the new tokens, attends over what it keeps, and evicts/compresses afterwards.
+
+Most policies keep a set of tokens per KV head; they share :class:`TokenStore` and
+:class:`EvictingLayer`, whose subclasses only say *how many* tokens to keep (``capacity``) and
+*which* (``score``: higher is kept).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from memfusion.errors import InvalidInput
+from memfusion.kv.attention import attention_with_probs, grouped_attention
+from memfusion.kv.spec import ModelSpec
+from memfusion.kv.stats import LayerStats
+
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Base of every policy config; subclasses validate their fields in ``__post_init__``."""
+
+    name: ClassVar[str] = ""
+    #: True when peak KV memory is bounded by the config, whatever the prompt length.
+    bounded: ClassVar[bool] = False
+
+    def make_layer(self, layer_idx: int, spec: ModelSpec) -> KVLayer:
+        raise NotImplementedError
+
+    def analytic_tokens(self, seen: int) -> int:
+        """Tokens kept per sequence per KV head after ``seen`` real tokens (uniform policies)."""
+        return seen
+
+    def analytic_bytes(self, seen: int, spec: ModelSpec, batch: int = 1) -> int:
+        """Exact ``bytes_resident`` after ``seen`` real tokens, all layers, no padding."""
+        return batch * spec.num_layers * self.analytic_tokens(seen) * spec.token_bytes
+
+
+def require(cond: bool, message: str) -> None:
+    """Config validation: raise :class:`InvalidInput` with ``message`` unless ``cond``."""
+    if not cond:
+        raise InvalidInput(message)
+
+
+def require_int(value: Any, name: str, minimum: int) -> None:
+    require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        f"{name} must be an integer >= {minimum}, got {value!r}",
+    )
+
+
+class KVLayer(CacheLayerMixin):
+    """One layer of a memfusion cache, seen by transformers as a ``CacheLayerMixin``.
+
+    ``seen`` counts token slots processed (padding included): it is what the model uses as the
+    cache length for positions and masks, whatever the layer keeps.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, layer_idx: int, spec: ModelSpec) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.spec = spec
+        self.seen = 0
+
+    # --- the transformers contract -------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.is_initialized = True
+        return key_states, value_states  # stored by `attend`, which sees the query too
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # type: ignore[override]
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.seen = 0
+        self.clear()
+
+    def _unsupported(self, what: str) -> None:
+        raise InvalidInput(
+            f"{what} is not supported by memfusion KV caches; use greedy or sampling decoding with "
+            "num_beams=1 and num_return_sequences=1"
+        )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._unsupported("beam search (reorder_cache)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._unsupported("cropping the cache (assisted/speculative decoding)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._unsupported("expanding the batch (num_return_sequences / beams)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._unsupported("selecting batch rows (contrastive search)")
+
+    def offload(self) -> None:  # transformers' own offloading does not apply to policy layers
+        return None
+
+    def prefetch(self) -> None:
+        return None
+
+    # --- the memfusion contract ----------------------------------------------------------
+    @abstractmethod
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """Store the new tokens and attend.
+
+        ``q (B, Hq, Tq, D)``, ``k``/``v (B, Hkv, Tq, D)`` (RoPE applied), ``valid (B, Tq)`` bool
+        (False for padding). Returns ``(B, Tq, Hq, D)``. ``seen`` is advanced by the caller.
+        """
+
+    @abstractmethod
+    def stats(self) -> LayerStats:
+        """Exact figures for this layer now."""
+
+    @abstractmethod
+    def clear(self) -> None:
+        """Drop everything stored."""
+
+
+class TokenStore:
+    """Resident tokens of one layer, per KV head, in preallocated buffers.
+
+    Fields are tensors ``(B, Hkv, capacity, *)``: ``k``, ``v`` ``(..., D)``, ``pos`` (int64:
+    the token's index among its sequence's real tokens, -1 for padding), ``valid`` (bool) and
+    any extra per-token field a policy registers (scores, pooled counts).
+
+    Invariants: entries ``[:n]`` of every field are the resident tokens of each (sequence, KV
+    head) - the same count ``n`` in every row, not necessarily in position order; entries past
+    ``n`` are garbage. The last ``m`` entries after ``append`` of ``m`` tokens are those tokens in
+    order (attention relies on it for the causal mask of a chunk). ``evict`` fills the holes left
+    by dropped entries with the survivors from the tail, so it costs O(evicted), not O(n).
+    Capacity grows by doubling (amortised O(1) per token), capped near ``limit`` when one is set.
+    """
+
+    def __init__(self, batch: int, spec: ModelSpec, limit: int | None = None) -> None:
+        self.batch, self.spec, self.limit = batch, spec, limit
+        self.n = 0
+        self.capacity = 0
+        self.fields: dict[str, torch.Tensor] = {}
+        self._extra_specs: dict[str, tuple[torch.dtype, float]] = {}
+        self._grow(16)
+
+    def add_field(self, name: str, dtype: torch.dtype, fill: float = 0.0) -> None:
+        """Register a per-token field ``(B, Hkv, capacity)`` initialised to ``fill`` on append."""
+        self._extra_specs[name] = (dtype, fill)
+        self.fields[name] = torch.full(self._shape(), fill, dtype=dtype, device=self.spec.device)
+
+    def _shape(self, cap: int | None = None) -> tuple[int, int, int]:
+        return (self.batch, self.spec.num_kv_heads, self.capacity if cap is None else cap)
+
+    def _grow(self, needed: int) -> None:
+        new_cap = max(needed, 2 * self.capacity)
+        if self.limit is not None:
+            new_cap = max(needed, min(new_cap, self.limit + (needed - self.n)))
+        s, d = self.spec, self.spec.head_dim
+        shape = self._shape(new_cap)
+        fresh = {
+            "k": torch.empty(*shape, d, dtype=s.dtype, device=s.device),
+            "v": torch.empty(*shape, d, dtype=s.dtype, device=s.device),
+            "pos": torch.empty(shape, dtype=torch.int64, device=s.device),
+            "valid": torch.zeros(shape, dtype=torch.bool, device=s.device),
+        }
+        for name, (dtype, fill) in self._extra_specs.items():
+            fresh[name] = torch.full(shape, fill, dtype=dtype, device=s.device)
+        for name, old in self.fields.items():
+            fresh[name][:, :, : self.n] = old[:, :, : self.n]
+        self.fields, self.capacity = fresh, new_cap
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> None:
+        """``k``/``v (B, Hkv, m, D)``, ``pos (B, m)``, ``valid (B, m)``."""
+        m = k.shape[2]
+        if self.n + m > self.capacity:
+            self._grow(self.n + m)
+        sl = slice(self.n, self.n + m)
+        f = self.fields
+        f["k"][:, :, sl] = k
+        f["v"][:, :, sl] = v
+        f["pos"][:, :, sl] = pos.unsqueeze(1)  # (B, 1, m) -> every KV head
+        f["valid"][:, :, sl] = valid.unsqueeze(1)
+        for name, (_, fill) in self._extra_specs.items():
+            f[name][:, :, sl] = fill
+        self.n += m
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The resident part of a field: ``(B, Hkv, n, *)`` (a view)."""
+        return self.fields[name][:, :, : self.n]
+
+    def evict(self, drop: torch.Tensor) -> None:
+        """Remove entries ``drop (B, Hkv, e)`` (distinct indices < n in each row)."""
+        e = drop.shape[-1]
+        if e == 0:
+            return
+        n2 = self.n - e
+        big = self.n
+        # Holes: dropped entries inside the kept range [0, n2), ascending, padded with `big`.
+        holes = torch.where(drop < n2, drop, big).sort(dim=-1).values  # (B, Hkv, e)
+        # Movers: surviving entries of the tail [n2, n), ascending, padded with `big`.
+        in_tail = torch.zeros(*drop.shape[:2], e, dtype=torch.bool, device=drop.device)
+        in_tail.scatter_(2, (drop - n2).clamp_min(0), drop >= n2)  # dropped tail entries
+        tail_idx = torch.arange(n2, self.n, device=drop.device).expand_as(in_tail)
+        movers = torch.where(in_tail, big, tail_idx).sort(dim=-1).values  # (B, Hkv, e)
+        # Each row has as many holes as movers; padding pairs write garbage past n2.
+        dst = torch.where(holes == big, self.n - 1, holes)
+        src = torch.where(movers == big, self.n - 1, movers)
+        for name, t in self.fields.items():
+            view = t[:, :, : self.n]
+            extra = view.shape[3:]
+            idx_src = src.view(*src.shape, *([1] * len(extra))).expand(*src.shape, *extra)
+            idx_dst = dst.view(*dst.shape, *([1] * len(extra))).expand(*dst.shape, *extra)
+            view.scatter_(2, idx_dst, view.gather(2, idx_src))
+        self.n = n2
+
+    def payload_bytes(self) -> int:
+        return 2 * self.batch * self.spec.num_kv_heads * self.n * self.spec.head_dim * self.spec.elem_bytes
+
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for name, t in self.fields.items() if name in ("k", "v"))
+
+
+class EvictingLayer(KVLayer):
+    """A layer that keeps at most ``capacity()`` tokens per KV head (None: keep everything).
+
+    Subclasses override ``capacity`` and ``score`` (``(B, Hkv, n)``, higher is kept; padding
+    should score ``-inf``), and set ``uses_probs`` to receive attention probabilities in
+    ``observe`` (for attention-based scores).
+    """
+
+    uses_probs: ClassVar[bool] = False
+
+    def __init__(self, layer_idx: int, spec: ModelSpec) -> None:
+        super().__init__(layer_idx, spec)
+        self.store: TokenStore | None = None
+        self.real_seen: torch.Tensor | None = None  # (B,) real tokens per sequence so far
+
+    def capacity(self) -> int | None:
+        return None
+
+    def score(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def setup(self, store: TokenStore) -> None:
+        """Register extra per-token fields on a new store."""
+
+    def observe(self, probs: torch.Tensor | None, tq: int) -> None:
+        """After attention: ``probs (B, Hkv, G, Tq, n)`` when ``uses_probs``."""
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        b, tq = valid.shape
+        if self.store is None:
+            self.store = TokenStore(b, self.spec, limit=self.capacity())
+            self.setup(self.store)
+            self.real_seen = torch.zeros(b, dtype=torch.int64, device=valid.device)
+        assert self.real_seen is not None
+        csum = valid.long().cumsum(dim=1)  # (B, Tq)
+        pos = torch.where(valid, self.real_seen.unsqueeze(1) + csum - 1, -1)  # (B, Tq)
+        self.real_seen = self.real_seen + csum[:, -1]
+        st = self.store
+        st.append(k, v, pos, valid)
+        if self.uses_probs:
+            out, probs = attention_with_probs(q, st["k"], st["v"], scaling, st["valid"], causal_tail=tq)
+        else:
+            out, probs = grouped_attention(q, st["k"], st["v"], scaling, st["valid"], causal_tail=tq), None
+        self.observe(probs, tq)
+        cap = self.capacity()
+        if cap is not None and st.n > cap:
+            drop = torch.topk(self.score(), st.n - cap, dim=-1, largest=False).indices  # (B, Hkv, e)
+            st.evict(drop)
+        return out
+
+    def newest_pos(self) -> torch.Tensor:
+        """``(B, 1, 1)`` index of each sequence's latest real token."""
+        assert self.real_seen is not None
+        return (self.real_seen - 1).view(-1, 1, 1)
+
+    def stats(self) -> LayerStats:
+        st = self.store
+        if st is None:
+            return LayerStats(self.layer_idx)
+        return LayerStats(
+            self.layer_idx,
+            tokens_resident=st.batch * st.n,
+            bytes_resident=st.payload_bytes(),
+            bytes_allocated=st.allocated_bytes(),
+        )
+
+    def clear(self) -> None:
+        self.store = None
+        self.real_seen = None
