@@ -26,11 +26,15 @@ def _llama() -> torch.nn.Module:
 
 
 def _qwen2() -> torch.nn.Module:
-    return Qwen2ForCausalLM(Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=1, use_sliding_window=False))
+    return Qwen2ForCausalLM(
+        Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=1, use_sliding_window=False)
+    )
 
 
 def _mistral() -> torch.nn.Module:
-    return MistralForCausalLM(MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, sliding_window=None))
+    return MistralForCausalLM(
+        MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
+    )
 
 
 def _neox() -> torch.nn.Module:

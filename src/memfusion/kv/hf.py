@@ -48,7 +48,7 @@ class MemfusionCache(Cache):
     def __init__(self, config: PolicyConfig, spec: ModelSpec) -> None:
         self.config = config
         self.spec = spec
-        layers: list[Any] = [config.make_layer(i, spec) for i in range(spec.num_layers)]
+        layers: list[Any] = config.make_layers(spec)
         super().__init__(layers=layers)
         self.tokens_seen = 0
         self.peak_bytes = 0
@@ -67,6 +67,11 @@ class MemfusionCache(Cache):
                 "forward / generate call in that context manager (or use memfusion.kv.generate)"
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def observe_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Called before each forward with its token ids ``(B, Tq)`` (see :func:`attach`)."""
+        for layer in self.kv_layers:
+            layer.observe_input_ids(input_ids)
 
     def attend(
         self,
@@ -151,7 +156,7 @@ def _attention(
             "(or use_sliding_window=False) if the checkpoint allows it, or keep contexts within the window"
         )
     if scaling is None:
-        scaling = float(module.head_dim) ** -0.5  # type: ignore[operator]
+        scaling = float(getattr(module, "head_dim", query.shape[-1])) ** -0.5
     return cache.attend(layer_idx, query, key, value, attention_mask, scaling), None
 
 
@@ -216,11 +221,15 @@ def attach(model: Any, cache: MemfusionCache) -> Iterator[MemfusionCache]:
     with _registered():
         saved = [c._attn_implementation for c in cfgs]
         token = _ACTIVE.set(cache)
+        hook = model.get_input_embeddings().register_forward_pre_hook(
+            lambda _module, args: cache.observe_input_ids(args[0]) if args else None
+        )
         try:
             for c in cfgs:
                 c._attn_implementation = ATTN_NAME
             yield cache
         finally:
+            hook.remove()
             for c, impl in zip(cfgs, saved, strict=True):
                 c._attn_implementation = impl
             _ACTIVE.reset(token)

@@ -38,6 +38,10 @@ class PolicyConfig:
     def make_layer(self, layer_idx: int, spec: ModelSpec) -> KVLayer:
         raise NotImplementedError
 
+    def make_layers(self, spec: ModelSpec) -> list[KVLayer]:
+        """One layer per model layer; override to share state between layers (block tables)."""
+        return [self.make_layer(i, spec) for i in range(spec.num_layers)]
+
     def analytic_tokens(self, seen: int) -> int:
         """Tokens kept per sequence per KV head after ``seen`` real tokens (uniform policies)."""
         return seen
@@ -125,6 +129,8 @@ class KVLayer(CacheLayerMixin):
         return None
 
     # --- the memfusion contract ----------------------------------------------------------
+    def observe_input_ids(self, input_ids: torch.Tensor) -> None:
+        """The token ids ``(B, Tq)`` of the forward about to run (for content hashing)."""
     @abstractmethod
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scaling: float
@@ -229,7 +235,7 @@ class TokenStore:
         # Each row has as many holes as movers; padding pairs write garbage past n2.
         dst = torch.where(holes == big, self.n - 1, holes)
         src = torch.where(movers == big, self.n - 1, movers)
-        for name, t in self.fields.items():
+        for t in self.fields.values():
             view = t[:, :, : self.n]
             extra = view.shape[3:]
             idx_src = src.view(*src.shape, *([1] * len(extra))).expand(*src.shape, *extra)
