@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -53,6 +54,9 @@ class MemfusionCache(Cache):
         self.tokens_seen = 0
         self.peak_bytes = 0
         self._layer_bytes = [0] * spec.num_layers
+        #: wall seconds of each layer's policy attention (store + select + attend) over decode
+        #: steps (one new token per sequence); read by benchmarks as "the attention part".
+        self.decode_attend_seconds = [0.0] * spec.num_layers
 
     @property
     def kv_layers(self) -> list[KVLayer]:
@@ -97,12 +101,17 @@ class MemfusionCache(Cache):
         if valid is None:
             valid = torch.ones(b, tq, dtype=torch.bool, device=q.device)
         layer = self.kv_layers[layer_idx]
+        t0 = time.perf_counter()
         out = layer.attend(q, k, v, valid, scaling)
+        if tq == 1:
+            self.decode_attend_seconds[layer_idx] += time.perf_counter() - t0
         layer.seen += tq
         if layer_idx == 0:
             self.tokens_seen += int(valid.sum())
+        others = sum(self._layer_bytes) - self._layer_bytes[layer_idx]
         self._layer_bytes[layer_idx] = layer.stats().bytes_resident
-        self.peak_bytes = max(self.peak_bytes, sum(self._layer_bytes))
+        inflight = max(layer.inflight_bytes or 0, self._layer_bytes[layer_idx])
+        self.peak_bytes = max(self.peak_bytes, others + inflight)
         return out
 
     def stats(self) -> KVStats:
@@ -126,6 +135,7 @@ class MemfusionCache(Cache):
         self.tokens_seen = 0
         self.peak_bytes = 0
         self._layer_bytes = [0] * self.spec.num_layers
+        self.decode_attend_seconds = [0.0] * self.spec.num_layers
 
 
 def _attention(

@@ -80,6 +80,9 @@ class KVLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.spec = spec
         self.seen = 0
+        #: bytes held at the moment of the last attention (new chunk in, nothing evicted yet);
+        #: layers that hold more during attention than after it set this in ``attend``.
+        self.inflight_bytes: int | None = None
 
     # --- the transformers contract -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -277,6 +280,10 @@ class EvictingLayer(KVLayer):
     def observe(self, probs: torch.Tensor | None, tq: int) -> None:
         """After attention: ``probs (B, Hkv, G, Tq, n)`` when ``uses_probs``."""
 
+    def key_bias(self) -> torch.Tensor | None:
+        """Logit bias ``(B, Hkv, n)`` added per resident key (e.g. ``log(count)`` of pooled keys)."""
+        return None
+
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scaling: float
     ) -> torch.Tensor:
@@ -291,16 +298,31 @@ class EvictingLayer(KVLayer):
         self.real_seen = self.real_seen + csum[:, -1]
         st = self.store
         st.append(k, v, pos, valid)
+        self.inflight_bytes = st.payload_bytes()
+        kb = self.key_bias()
         if self.uses_probs:
-            out, probs = attention_with_probs(q, st["k"], st["v"], scaling, st["valid"], causal_tail=tq)
+            out, probs = attention_with_probs(q, st["k"], st["v"], scaling, st["valid"], kb, causal_tail=tq)
         else:
-            out, probs = grouped_attention(q, st["k"], st["v"], scaling, st["valid"], causal_tail=tq), None
+            out, probs = grouped_attention(q, st["k"], st["v"], scaling, st["valid"], kb, causal_tail=tq), None
         self.observe(probs, tq)
         cap = self.capacity()
         if cap is not None and st.n > cap:
             drop = torch.topk(self.score(), st.n - cap, dim=-1, largest=False).indices  # (B, Hkv, e)
             st.evict(drop)
         return out
+
+    def received(self, probs: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """Attention each resident key received in this step, ``(B, Hkv, n)``.
+
+        ``probs (B, Hkv, G, Tq, n)`` summed over the ``G`` query heads and over the step's last
+        ``last`` queries (all when None), padding queries excluded. Call it from ``observe``
+        (before eviction, the store's last ``Tq`` entries are the step's queries).
+        """
+        assert self.store is not None
+        tq = probs.shape[3]
+        w = tq if last is None else min(last, tq)
+        real_q = self.store["valid"][:, :, self.store.n - w :]  # (B, Hkv, w): the last w queries
+        return torch.einsum("bhgtn,bht->bhn", probs[:, :, :, tq - w :], real_q.to(probs.dtype))
 
     def newest_pos(self) -> torch.Tensor:
         """``(B, 1, 1)`` index of each sequence's latest real token."""

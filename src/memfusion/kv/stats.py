@@ -33,8 +33,8 @@ class KVStats:
     - ``tokens_seen``: real (non-padding) tokens processed, summed over the batch;
     - ``tokens_resident``: the largest layer's ``tokens_resident``;
     - ``bytes_resident`` / ``bytes_allocated`` / ``bytes_offloaded``: summed over layers, now;
-    - ``peak_bytes``: the largest ``bytes_resident`` seen after any layer's attention step
-      (a chunk in flight counts: a bounded policy peaks at budget + chunk);
+    - ``peak_bytes``: the largest total held at any layer's attention step, the new chunk in
+      flight included (a bounded policy peaks at budget + one chunk, in one layer at a time);
     - ``pages_selected`` / ``pages_total``: pages attended / pages available, summed over the
       decode steps, layers, sequences and KV heads of page-selecting policies (quest, tiered);
     - ``prefix_hits`` / ``prefix_lookups``: full pages found already stored (paged);

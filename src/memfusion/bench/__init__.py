@@ -1,0 +1,1 @@
+"""The evaluation harness: benchmarks, their runners and reports."""
