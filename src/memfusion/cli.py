@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,7 +16,7 @@ from memfusion.errors import MemfusionError
 app = typer.Typer(help="memfusion: KV-cache policies, memories and their benchmark.", no_args_is_help=True)
 console = Console()
 
-SUITES = {
+SUITES: dict[str, dict[str, Any]] = {
     # The quick suite: small contexts, a few minutes on 2 CPU cores at most.
     "quick": dict(contexts=(1024, 2048), new_tokens=16, budget=256, bounded_chunk=32, prefill_chunk=512),
     # The performance table: 4K / 16K / 32K on the 4-layer, 512-wide GQA model.
@@ -43,8 +43,8 @@ def bench(
     if suite not in SUITES:
         raise typer.BadParameter(f"unknown suite {suite!r}; valid: {', '.join(SUITES)}", param_hint="--suite")
     try:
-        cfg = kvperf.KVBenchConfig(**SUITES[suite], policies=tuple(p for p in kvperf.KVBenchConfig.policies
-                                                                     if p in POLICIES))  # type: ignore[arg-type]
+        available = tuple(p for p in kvperf.KVBenchConfig.policies if p in POLICIES)
+        cfg = kvperf.KVBenchConfig(**SUITES[suite], policies=available)
         if contexts:
             cfg = replace(cfg, contexts=tuple(int(c) for c in contexts.split(",")))
         if policies:
@@ -52,8 +52,13 @@ def bench(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     units = 1 + len(cfg.contexts) * (1 + len(cfg.policies))
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task("starting", total=units)
         started = [False]
 

@@ -26,7 +26,7 @@ def test_unknown_parameter_names_the_allowed_ones() -> None:
 
 @pytest.mark.parametrize(("window", "sinks"), [(0, 0), (-1, 0), (4, -2)])
 def test_window_needs_something_to_keep(window: int, sinks: int) -> None:
-    with pytest.raises(InvalidInput, match="window|sinks"):
+    with pytest.raises(InvalidInput, match=r"window|sinks"):
         kv.resolve("window", window=window, sinks=sinks)
 
 
@@ -59,7 +59,9 @@ def test_malformed_inputs(llama: torch.nn.Module, ids: torch.Tensor, mask: torch
         kv.generate(llama, ids, attention_mask=mask, max_new_tokens=2)
 
 
-@pytest.mark.parametrize(("kw", "match"), [({"max_new_tokens": 0}, "max_new_tokens"), ({"prefill_chunk": 0}, "prefill_chunk")])
+@pytest.mark.parametrize(
+    ("kw", "match"), [({"max_new_tokens": 0}, "max_new_tokens"), ({"prefill_chunk": 0}, "prefill_chunk")]
+)
 def test_bad_generation_parameters(llama: torch.nn.Module, kw: dict[str, int], match: str) -> None:
     with pytest.raises(InvalidInput, match=match):
         kv.generate(llama, torch.ones(1, 3, dtype=torch.long), **kw)  # type: ignore[arg-type]
@@ -94,5 +96,10 @@ def test_attach_restores_the_model_after_an_error(llama: torch.nn.Module) -> Non
 def test_beam_search_is_refused(llama: torch.nn.Module) -> None:
     cache = kv.make_cache(llama, "dense")
     with pytest.raises(InvalidInput, match="num_beams=1"), kv.attach(llama, cache):
-        llama.generate(torch.ones(1, 3, dtype=torch.long), past_key_values=cache, num_beams=2,  # type: ignore[operator]
-                       max_new_tokens=3, do_sample=False)
+        llama.generate(
+            torch.ones(1, 3, dtype=torch.long),
+            past_key_values=cache,
+            num_beams=2,  # type: ignore[operator]
+            max_new_tokens=3,
+            do_sample=False,
+        )

@@ -23,28 +23,39 @@ def headline(report: KVBenchReport) -> list[str]:
         for p in ("dense", "paged"):
             r = by.get((p, ctx))
             if r:
-                lines.append(f"- {ctx} tokens: `{p}` decode {r.decode_ms.median:.2f} ms/token vs HF DynamicCache "
-                             f"{hf:.2f} ms/token -> {r.decode_ratio:.2f}x (target <= 1.0x)")
+                lines.append(
+                    f"- {ctx} tokens: `{p}` decode {r.decode_ms.median:.2f} ms/token vs HF DynamicCache "
+                    f"{hf:.2f} ms/token -> {r.decode_ratio:.2f}x (target <= 1.0x)"
+                )
         dense, quest = by.get(("dense", ctx)), by.get(("quest", ctx))
         if dense and quest and dense.attend_ms_layer and quest.attend_ms_layer:
-            lines.append(f"- {ctx} tokens: `quest` (budget {quest.params['token_budget']}) attention per compressed "
-                         f"layer {quest.attend_ms_layer:.2f} ms vs dense {dense.attend_ms_layer:.2f} ms -> "
-                         f"{dense.attend_ms_layer / quest.attend_ms_layer:.2f}x faster (target >= 3x at 32K)")
-        for r in (x for x in report.rows if x.context == ctx and x.policy in ("window", "snapkv", "h2o", "quant",
-                                                                             "tiered")):
-            lines.append(f"- {ctx} tokens: `{r.policy}` peak KV {r.peak_bytes / MIB:.2f} MiB, analytic "
-                         f"{r.analytic_bytes / MIB:.2f} MiB -> peak/analytic {r.peak_bytes / r.analytic_bytes:.3f} "
-                         f"(target <= 1.05)")
+            lines.append(
+                f"- {ctx} tokens: `quest` (budget {quest.params['token_budget']}) attention per compressed "
+                f"layer {quest.attend_ms_layer:.2f} ms vs dense {dense.attend_ms_layer:.2f} ms -> "
+                f"{dense.attend_ms_layer / quest.attend_ms_layer:.2f}x faster (target >= 3x at 32K)"
+            )
+        for r in (
+            x for x in report.rows if x.context == ctx and x.policy in ("window", "snapkv", "h2o", "quant", "tiered")
+        ):
+            lines.append(
+                f"- {ctx} tokens: `{r.policy}` peak KV {r.peak_bytes / MIB:.2f} MiB, analytic "
+                f"{r.analytic_bytes / MIB:.2f} MiB -> peak/analytic {r.peak_bytes / r.analytic_bytes:.3f} "
+                f"(target <= 1.05)"
+            )
         q = by.get(("quant", ctx))
         if dense and q:
-            lines.append(f"- {ctx} tokens: `quant` 4-bit KV bytes {_ratio(dense.bytes_resident, q.bytes_resident)} "
-                         "smaller than dense (target >= 3.5x)")
+            lines.append(
+                f"- {ctx} tokens: `quant` 4-bit KV bytes {_ratio(dense.bytes_resident, q.bytes_resident)} "
+                "smaller than dense (target >= 3.5x)"
+            )
         for p in ("dense", "paged"):
             r = by.get((p, ctx))
             if r and r.kv_read_gbps:
-                lines.append(f"- {ctx} tokens: `{p}` decode attention reads KV at {r.kv_read_gbps:.1f} GB/s = "
-                             f"{r.kv_read_gbps / report.stream_copy_gbps:.0%} of STREAM copy "
-                             f"{report.stream_copy_gbps:.1f} GB/s (target >= 50%)")
+                lines.append(
+                    f"- {ctx} tokens: `{p}` decode attention reads KV at {r.kv_read_gbps:.1f} GB/s = "
+                    f"{r.kv_read_gbps / report.stream_copy_gbps:.0%} of STREAM copy "
+                    f"{report.stream_copy_gbps:.1f} GB/s (target >= 50%)"
+                )
     return lines
 
 
@@ -53,9 +64,11 @@ def _row(r: PolicyRow) -> str:
     hits = f"{r.prefix_hit_rate:.2f}" if r.prefix_hit_rate is not None else "-"
     layer = f"{r.attend_ms_layer:.3f}" if r.attend_ms_layer is not None else "-"
     params = ", ".join(f"{k}={v}" for k, v in r.params.items()) or "-"
-    return (f"| {r.context} | {r.policy} | {params} | {r.prefill_s:.2f} | {r.decode_ms} | {r.decode_ratio:.2f} | "
-            f"{r.attend_ms:.2f} | {layer} | {r.tokens_resident} | {r.bytes_resident / MIB:.2f} | "
-            f"{r.peak_bytes / MIB:.2f} | {r.analytic_bytes / MIB:.2f} | {r.bytes_offloaded / MIB:.2f} | {sel} | {hits} |")
+    return (
+        f"| {r.context} | {r.policy} | {params} | {r.prefill_s:.2f} | {r.decode_ms} | {r.decode_ratio:.2f} | "
+        f"{r.attend_ms:.2f} | {layer} | {r.tokens_resident} | {r.bytes_resident / MIB:.2f} | "
+        f"{r.peak_bytes / MIB:.2f} | {r.analytic_bytes / MIB:.2f} | {r.bytes_offloaded / MIB:.2f} | {sel} | {hits} |"
+    )
 
 
 def markdown(report: KVBenchReport) -> str:
@@ -82,8 +95,10 @@ def markdown(report: KVBenchReport) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for ctx in c.contexts:
-        out.append(f"| {ctx} | **HF DynamicCache** | - | - | {report.baseline[ctx]} | 1.00 | - | - | - | - | - | - | - "
-                   "| - | - |")
+        out.append(
+            f"| {ctx} | **HF DynamicCache** | - | - | {report.baseline[ctx]} | 1.00 | - | - | - | - | - | - | - "
+            "| - | - |"
+        )
         out.extend(_row(r) for r in report.rows if r.context == ctx)
     return "\n".join(out) + "\n"
 
