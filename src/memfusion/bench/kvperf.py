@@ -80,7 +80,8 @@ class Spread:
     def of(cls, seconds: Sequence[float]) -> Spread:
         ms = sorted(s * 1e3 for s in seconds)
         if len(ms) < 2:
-            return cls(ms[0] if ms else float("nan"), *(2 * [ms[0] if ms else float("nan")]), len(ms))
+            only = ms[0] if ms else float("nan")
+            return cls(only, only, only, len(ms))
         q = statistics.quantiles(ms, n=4)
         return cls(statistics.median(ms), q[0], q[2], len(ms))
 
