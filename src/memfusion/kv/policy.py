@@ -231,8 +231,11 @@ class TokenStore:
         # Holes: dropped entries inside the kept range [0, n2), ascending, padded with `big`.
         holes = torch.where(drop < n2, drop, big).sort(dim=-1).values  # (B, Hkv, e)
         # Movers: surviving entries of the tail [n2, n), ascending, padded with `big`.
-        in_tail = torch.zeros(*drop.shape[:2], e, dtype=torch.bool, device=drop.device)
-        in_tail.scatter_(2, (drop - n2).clamp_min(0), drop >= n2)  # dropped tail entries
+        # Dropped tail entries; drops inside the kept range write to a dump slot `e` (writing
+        # False at slot 0 could race with a True for tail entry n2: scatter_ with repeated indices).
+        in_tail = torch.zeros(*drop.shape[:2], e + 1, dtype=torch.bool, device=drop.device)
+        in_tail.scatter_(2, torch.where(drop >= n2, drop - n2, e), torch.ones_like(drop, dtype=torch.bool))
+        in_tail = in_tail[..., :e]  # (B, Hkv, e)
         tail_idx = torch.arange(n2, self.n, device=drop.device).expand_as(in_tail)
         movers = torch.where(in_tail, big, tail_idx).sort(dim=-1).values  # (B, Hkv, e)
         # Each row has as many holes as movers; padding pairs write garbage past n2.
