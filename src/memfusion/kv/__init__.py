@@ -9,6 +9,7 @@ patches nothing.
 from __future__ import annotations
 
 from memfusion.kv.generate import GenerateResult, generate
+from memfusion.kv.gqa import to_gqa
 from memfusion.kv.hf import MemfusionCache, attach, make_cache
 from memfusion.kv.policy import PolicyConfig
 from memfusion.kv.registry import POLICIES, resolve
@@ -28,4 +29,5 @@ __all__ = [
     "generate",
     "make_cache",
     "resolve",
+    "to_gqa",
 ]

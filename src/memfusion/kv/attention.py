@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _logit_mask(
+def logit_mask(
     key_mask: torch.Tensor | None,
     key_bias: torch.Tensor | None,
     tq: int,
@@ -67,7 +67,7 @@ def grouped_attention(
     b, hq, tq, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     g = hq // hkv
-    mask = _logit_mask(key_mask, key_bias, tq, n, causal_tail, q.device, q.dtype)
+    mask = logit_mask(key_mask, key_bias, tq, n, causal_tail, q.device, q.dtype)
     if tq == 1:
         qg = q.reshape(b, hkv, g, d)  # (B, Hkv, G, D): a KV head's query heads as rows
         out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scaling)  # (B, Hkv, G, D)
@@ -100,7 +100,7 @@ def attention_with_probs(
     g = hq // hkv
     qg = q.view(b, hkv, g, tq, d)  # (B, Hkv, G, Tq, D)
     logits = torch.einsum("bhgtd,bhnd->bhgtn", qg, k) * scaling  # (B, Hkv, G, Tq, N)
-    mask = _logit_mask(key_mask, key_bias, tq, n, causal_tail, q.device, logits.dtype)
+    mask = logit_mask(key_mask, key_bias, tq, n, causal_tail, q.device, logits.dtype)
     if mask is not None:
         logits = logits + mask.unsqueeze(2)  # mask (B, h, Tq, N) -> (B, h, 1, Tq, N)
     probs = torch.softmax(logits, dim=-1)

@@ -5,13 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 from memfusion.errors import InvalidInput
+from memfusion.kv.cca import CCA
 from memfusion.kv.dense import Dense
+from memfusion.kv.h2o import H2O
+from memfusion.kv.paged import Paged
 from memfusion.kv.policy import PolicyConfig
+from memfusion.kv.quant import Quant
+from memfusion.kv.quest import Quest
+from memfusion.kv.snapkv import SnapKV
+from memfusion.kv.tiered import Tiered
 from memfusion.kv.window import Window
 
 POLICIES: dict[str, type[PolicyConfig]] = {
     "dense": Dense,
+    "paged": Paged,
     "window": Window,
+    "snapkv": SnapKV,
+    "h2o": H2O,
+    "cca": CCA,
+    "quest": Quest,
+    "tiered": Tiered,
+    "quant": Quant,
 }
 
 
