@@ -20,7 +20,7 @@ SUITES: dict[str, dict[str, Any]] = {
     # The quick suite: small contexts, a few minutes on 2 CPU cores at most.
     "quick": dict(contexts=(1024, 2048), new_tokens=16, budget=256, bounded_chunk=32, prefill_chunk=512),
     # The performance table: 4K / 16K / 32K on the 4-layer, 512-wide GQA model.
-    "kv": dict(contexts=(4096, 16384, 32768), new_tokens=32, budget=2048, bounded_chunk=64, prefill_chunk=1024),
+    "kv": dict(contexts=(4096, 16384, 32768), new_tokens=64, budget=2048, bounded_chunk=64, prefill_chunk=1024),
 }
 
 

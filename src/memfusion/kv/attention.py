@@ -54,6 +54,18 @@ def logit_mask(
     return torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=dtype, device=device))
 
 
+def _scores(qg: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """Logits ``(B, Hkv, R, N)`` of query rows ``qg (B, Hkv, R, D)`` against ``k (B, Hkv, N, D)``.
+
+    Computed as ``k @ qg^T`` (a tall-skinny GEMM that streams K row by row) and transposed into a
+    contiguous ``(R, N)`` block by the scaling: on CPU this reads K at about twice the
+    bandwidth of ``qg @ k^T`` or SDPA for decode-sized ``R`` (see benchmarks/kv_policies.py).
+    """
+    logits = torch.matmul(k, (qg * scaling).transpose(-1, -2))  # (B, Hkv, N, R)
+    logits = logits.transpose(-1, -2).contiguous()  # (B, Hkv, R, N)
+    return logits if mask is None else logits.add_(mask)
+
+
 def grouped_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -70,8 +82,8 @@ def grouped_attention(
     mask = logit_mask(key_mask, key_bias, tq, n, causal_tail, q.device, q.dtype)
     if tq == 1:
         qg = q.reshape(b, hkv, g, d)  # (B, Hkv, G, D): a KV head's query heads as rows
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scaling)  # (B, Hkv, G, D)
-        return out.reshape(b, 1, hq, d)
+        probs = torch.softmax(_scores(qg, k, scaling, mask), dim=-1)  # (B, Hkv, G, N)
+        return torch.matmul(probs, v).reshape(b, 1, hq, d)  # (B, Hkv, G, D) -> (B, 1, Hq, D)
     qg = q.view(b, hkv, g, tq, d)  # (B, Hkv, G, Tq, D)
     outs = [
         F.scaled_dot_product_attention(qg[:, :, i], k, v, attn_mask=mask, scale=scaling)  # (B, Hkv, Tq, D)
@@ -123,9 +135,7 @@ def partial_attention(
     Returns ``out (B, Hkv, R, D)`` normalised within the part and ``lse (B, Hkv, R)``, the
     log-sum-exp of the part's logits (``-inf`` and a zero output where every key is masked).
     """
-    logits = torch.matmul(qg, k.transpose(-1, -2)) * scaling  # (B, Hkv, R, N)
-    if logit_mask is not None:
-        logits = logits + logit_mask
+    logits = _scores(qg, k, scaling, logit_mask)  # (B, Hkv, R, N)
     lse = torch.logsumexp(logits, dim=-1)  # (B, Hkv, R)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = torch.exp(logits - safe.unsqueeze(-1))  # (B, Hkv, R, N); all-masked rows are all 0

@@ -113,7 +113,13 @@ def generate(
             use_cache=True,
             logits_to_keep=1,
         )
-        return out.logits[:, -1].float()  # (B, V)
+        logits = out.logits[:, -1].float()  # (B, V)
+        if not torch.isfinite(logits).all():
+            raise InvalidInput(
+                "the model produced non-finite logits: its weights or inputs contain NaN/Inf "
+                "(or the dtype overflows); check the checkpoint and inputs_embeds"
+            )
+        return logits
 
     new_tokens: list[torch.Tensor] = []
     step_logits: list[torch.Tensor] = []

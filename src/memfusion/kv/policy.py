@@ -303,10 +303,13 @@ class EvictingLayer(KVLayer):
         st.append(k, v, pos, valid)
         self.inflight_bytes = st.payload_bytes()
         kb = self.key_bias()
+        mask: torch.Tensor | None = st["valid"]
+        if bool(mask.all()):  # no padding resident: skip building an O(n) logit mask
+            mask = None
         if self.uses_probs:
-            out, probs = attention_with_probs(q, st["k"], st["v"], scaling, st["valid"], kb, causal_tail=tq)
+            out, probs = attention_with_probs(q, st["k"], st["v"], scaling, mask, kb, causal_tail=tq)
         else:
-            out, probs = grouped_attention(q, st["k"], st["v"], scaling, st["valid"], kb, causal_tail=tq), None
+            out, probs = grouped_attention(q, st["k"], st["v"], scaling, mask, kb, causal_tail=tq), None
         self.observe(probs, tq)
         cap = self.capacity()
         if cap is not None and st.n > cap:
