@@ -54,7 +54,7 @@ def logit_mask(
     return torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=dtype, device=device))
 
 
-def _scores(qg: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
+def attention_logits(qg: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
     """Logits ``(B, Hkv, R, N)`` of query rows ``qg (B, Hkv, R, D)`` against ``k (B, Hkv, N, D)``.
 
     Computed as ``k @ qg^T`` (a tall-skinny GEMM that streams K row by row) and transposed into a
@@ -82,7 +82,7 @@ def grouped_attention(
     mask = logit_mask(key_mask, key_bias, tq, n, causal_tail, q.device, q.dtype)
     if tq == 1:
         qg = q.reshape(b, hkv, g, d)  # (B, Hkv, G, D): a KV head's query heads as rows
-        probs = torch.softmax(_scores(qg, k, scaling, mask), dim=-1)  # (B, Hkv, G, N)
+        probs = torch.softmax(attention_logits(qg, k, scaling, mask), dim=-1)  # (B, Hkv, G, N)
         return torch.matmul(probs, v).reshape(b, 1, hq, d)  # (B, Hkv, G, D) -> (B, 1, Hq, D)
     qg = q.view(b, hkv, g, tq, d)  # (B, Hkv, G, Tq, D)
     outs = [
@@ -135,7 +135,7 @@ def partial_attention(
     Returns ``out (B, Hkv, R, D)`` normalised within the part and ``lse (B, Hkv, R)``, the
     log-sum-exp of the part's logits (``-inf`` and a zero output where every key is masked).
     """
-    logits = _scores(qg, k, scaling, logit_mask)  # (B, Hkv, R, N)
+    logits = attention_logits(qg, k, scaling, logit_mask)  # (B, Hkv, R, N)
     lse = torch.logsumexp(logits, dim=-1)  # (B, Hkv, R)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = torch.exp(logits - safe.unsqueeze(-1))  # (B, Hkv, R, N); all-masked rows are all 0

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from memfusion.errors import InvalidInput
-from memfusion.kv.attention import merge_partials, partial_attention
+from memfusion.kv.attention import attention_logits, merge_partials, partial_attention
 from memfusion.kv.policy import KVLayer, PolicyConfig, require_int
 from memfusion.kv.pool import PagePool
 from memfusion.kv.spec import ModelSpec
@@ -147,8 +147,7 @@ class PagedState:
             # A padding query sees what its row's next real token would see (at least one key,
             # so no softmax row is empty once the sequence holds a token).
             limit = (old + csum[row]).clamp_min(1)  # (Tq,)
-            reads.append(_Read(self.pool.runs(seq), self.pool.length(seq), limit.to(valid.device),
-                               int(limit.min())))
+            reads.append(_Read(self.pool.runs(seq), self.pool.length(seq), limit.to(valid.device), int(limit.min())))
         dev = valid.device
 
         def tensor(xs: list[int]) -> torch.Tensor:
@@ -238,18 +237,25 @@ class PagedLayer(KVLayer):
             start += count
         if not parts:  # nothing stored yet and only padding queries
             return torch.zeros_like(q)
-        if len(parts) == 1:  # one run: a fused kernel (every query sees at least key 0)
+        if len(parts) == 1:  # one run, read in place (every query sees at least key 0)
             keys, vals, mask = parts[0]
             g = hq // hkv
-            qg = q.reshape(hkv, g * tq, d)  # (Hkv, G*Tq, D): a KV head's query rows, g-major
-            rows = None if mask is None else mask.repeat(g, 1)  # (G*Tq, N)
-            out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=rows, scale=scaling)  # (Hkv, G*Tq, D)
-            return out.reshape(hq, tq, d)
+            if tq == 1 and mask is None:  # decode: the dense layer's kernel, on the strided view
+                qg = q.reshape(hkv, g, d)  # (Hkv, G, D)
+                probs = torch.softmax(attention_logits(qg, keys, scaling, None), dim=-1)  # (Hkv, G, N)
+                return torch.matmul(probs, vals).reshape(hq, 1, d)
+            qg = q.view(hkv, g, tq, d)  # (Hkv, G, Tq, D); one (Tq, N) mask shared by the G heads
+            outs = [
+                F.scaled_dot_product_attention(qg[:, i], keys, vals, attn_mask=mask, scale=scaling) for i in range(g)
+            ]
+            return torch.stack(outs, dim=1).reshape(hq, tq, d)  # (Hkv, G, Tq, D) -> (Hq, Tq, D)
         qg = q.reshape(hkv, hq // hkv, tq, d)  # (Hkv, G, Tq, D)
-        merged = merge_partials([
-            partial_attention(qg, keys.unsqueeze(1), vals.unsqueeze(1), scaling, mask)  # (Hkv, G, Tq, D)
-            for keys, vals, mask in parts
-        ])
+        merged = merge_partials(
+            [
+                partial_attention(qg, keys.unsqueeze(1), vals.unsqueeze(1), scaling, mask)  # (Hkv, G, Tq, D)
+                for keys, vals, mask in parts
+            ]
+        )
         return merged.reshape(hq, tq, d)
 
     def stats(self) -> LayerStats:

@@ -255,7 +255,7 @@ class QuestLayer(KVLayer):
         self.last_selection = sel
         if self.cfg.oracle_recall:
             self._oracle(q, sel, scaling)
-        return grouped_attention(q, ks, vs, scaling, mask)
+        return grouped_attention(q, ks, vs, scaling, None if bool(mask.all()) else mask)
 
     def _oracle(self, q: torch.Tensor, sel: torch.Tensor, scaling: float) -> None:
         """Count how many of the oracle's top pages (by true attention mass) ``sel`` contains."""
