@@ -303,9 +303,9 @@ class EvictingLayer(KVLayer):
         st.append(k, v, pos, valid)
         self.inflight_bytes = st.payload_bytes()
         kb = self.key_bias()
-        mask: torch.Tensor | None = st["valid"]
-        if bool(mask.all()):  # no padding resident: skip building an O(n) logit mask
-            mask = None
+        resident_valid = st["valid"]
+        # No padding resident: skip building an O(n) logit mask.
+        mask = None if bool(resident_valid.all()) else resident_valid
         if self.uses_probs:
             out, probs = attention_with_probs(q, st["k"], st["v"], scaling, mask, kb, causal_tail=tq)
         else:
