@@ -7,6 +7,8 @@ from collections.abc import Callable
 import pytest
 import torch
 from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     LlamaConfig,
@@ -42,7 +44,13 @@ def _neox() -> torch.nn.Module:
     return GPTNeoXForCausalLM(cfg)
 
 
+def _gpt2() -> torch.nn.Module:
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=2048, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(cfg)
+
+
 FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
+    "gpt2": _gpt2,  # MHA, learned absolute positions
     "llama": _llama,  # GQA 4:2
     "qwen2": _qwen2,  # MQA 4:1
     "mistral": _mistral,
