@@ -35,8 +35,9 @@ class KVStats:
     - ``bytes_resident`` / ``bytes_allocated`` / ``bytes_offloaded``: summed over layers, now;
     - ``peak_bytes``: the largest total held at any layer's attention step, the new chunk in
       flight included (a bounded policy peaks at budget + one chunk, in one layer at a time);
-    - ``pages_selected`` / ``pages_total``: pages attended / pages available, summed over the
-      decode steps, layers, sequences and KV heads of page-selecting policies (quest, tiered);
+    - ``pages_selected`` / ``pages_total``: pages attended / pages available, summed over steps,
+      layers, sequences and KV heads of page-selecting policies: quest counts its decode steps
+      (prefill is dense), tiered every step that had cold pages (prefill chunks included);
     - ``prefix_hits`` / ``prefix_lookups``: full pages found already stored (paged);
     - ``extra``: policy-specific figures (e.g. quest's oracle recall).
     """
