@@ -6,6 +6,8 @@ no model loading). Sub-packages: :mod:`memfusion.kv` (internal KV-cache memory).
 
 from __future__ import annotations
 
+from memfusion.store import open_store
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "open_store"]
