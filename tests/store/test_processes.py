@@ -1,4 +1,5 @@
-"""Several processes on one SQLite file: SIGKILL crash safety and compare-and-set under contention.
+"""Several processes on one store: SIGKILL crash safety (SQLite) and compare-and-set under contention
+(SQLite and PostgreSQL).
 
 Children are started with the ``spawn`` method and run the bodies in ``tests.store._workers``.
 """
@@ -14,9 +15,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from memfusion.store import Op, open_store
 from memfusion.store.embed import HashingEmbedder
 from tests.store._workers import DIM, cas_incrementer, crash_writer
+from tests.store.conftest import pg_url
 
 CTX = multiprocessing.get_context("spawn")
 KILLS = 24  # of which EARLY are killed without waiting for a first write (open, recovery, DDL)
@@ -79,8 +83,7 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_write(tmp_path: Path) -
     assert puts >= sum(1 for a in _acks(ack_path) if a[0] == "put")
 
 
-def _run_cas(tmp_path: Path, processes: int, increments: int) -> None:
-    url = f"sqlite:///{tmp_path / 'cas.db'}"
+def _run_cas(url: str, processes: int, increments: int) -> None:
     open_store(url, embedder=HashingEmbedder(DIM)).close()  # create the schema once
     start, results = CTX.Event(), CTX.Queue()
     workers = [CTX.Process(target=cas_incrementer, args=(url, increments, w, start, results)) for w in range(processes)]
@@ -109,5 +112,7 @@ def _run_cas(tmp_path: Path, processes: int, increments: int) -> None:
     print(f"{processes} x {increments} CAS increments: {conflicts} conflicts reported and retried")
 
 
-def test_four_processes_compare_and_set_500_increments(tmp_path: Path) -> None:
-    _run_cas(tmp_path, processes=4, increments=500)
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_four_processes_compare_and_set_500_increments(backend: str, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cas.db'}" if backend == "sqlite" else pg_url(tmp_path)
+    _run_cas(url, processes=4, increments=500)
