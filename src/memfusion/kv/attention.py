@@ -58,8 +58,9 @@ def attention_logits(qg: torch.Tensor, k: torch.Tensor, scaling: float, mask: to
     """Logits ``(B, Hkv, R, N)`` of query rows ``qg (B, Hkv, R, D)`` against ``k (B, Hkv, N, D)``.
 
     Computed as ``k @ qg^T`` (a tall-skinny GEMM that streams K row by row) and transposed into a
-    contiguous ``(R, N)`` block by the scaling: on CPU this reads K at about twice the
-    bandwidth of ``qg @ k^T`` or SDPA for decode-sized ``R`` (see benchmarks/kv_policies.py).
+    contiguous ``(R, N)`` block: for decode-sized ``R`` this layout read K markedly faster than
+    ``qg @ k^T`` or CPU SDPA when it was chosen; ``memfusion bench --suite kv`` reports the K/V
+    read rate it reaches against the machine's STREAM copy bandwidth.
     """
     logits = torch.matmul(k, (qg * scaling).transpose(-1, -2))  # (B, Hkv, N, R)
     logits = logits.transpose(-1, -2).contiguous()  # (B, Hkv, R, N)
