@@ -256,10 +256,3 @@ def test_a_padding_query_among_padding_pages_attends_to_itself() -> None:
     for hq in range(spec.num_heads):
         torch.testing.assert_close(out[1, 0, hq], vals[1, hq // spec.groups, -1])
 
-
-def test_speedup_helper_runs_on_a_small_context() -> None:
-    """The benchmark helper works; its figure is never asserted (timing decides no unit test)."""
-    from memfusion.kv.quest import quest_attention_speedup
-
-    r = quest_attention_speedup(context=256, page_size=8, num_heads=4, num_kv_heads=2, head_dim=8, repeats=2)
-    assert r["token_budget"] == 32 and r["speedup"] > 0

@@ -19,8 +19,6 @@ tokens, ``N`` resident keys, ``D`` head dim):
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -160,7 +158,3 @@ def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tens
     assert isinstance(out, torch.Tensor)
     return out / total.unsqueeze(-1)
 
-
-def head_dim_scaling(head_dim: int) -> float:
-    """The default softmax scale ``1 / sqrt(D)``."""
-    return 1.0 / math.sqrt(head_dim)

@@ -15,14 +15,13 @@ logits ``sum_g q_g . k``.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from memfusion.errors import InvalidInput
-from memfusion.kv.attention import grouped_attention, head_dim_scaling
+from memfusion.kv.attention import grouped_attention
 from memfusion.kv.policy import EvictingLayer, KVLayer, PolicyConfig, require, require_int
 from memfusion.kv.spec import ModelSpec
 from memfusion.kv.stats import LayerStats
@@ -291,50 +290,3 @@ class QuestLayer(KVLayer):
         self.pages_selected = self.pages_total = self.recall_hits = self.recall_total = 0
         self.last_selection = None
 
-
-def quest_attention_speedup(
-    context: int = 32768,
-    token_budget: int | None = None,
-    page_size: int = 16,
-    num_heads: int = 8,
-    num_kv_heads: int = 2,
-    head_dim: int = 64,
-    repeats: int = 50,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Median wall time of one decode step's attention (store + select + attend) of a quest
-    layer and of a dense layer holding ``context`` tokens (fp32, batch 1), and their ratio.
-
-    ``token_budget`` defaults to ``context // 8``. A figure for a benchmark report, not a test.
-    """
-    spec = ModelSpec("LlamaForCausalLM", 1, num_heads, num_kv_heads, head_dim, torch.float32, torch.device("cpu"))
-    cfg = Quest(token_budget=token_budget or context // 8, page_size=page_size, dense_layers=0)
-    g = torch.Generator().manual_seed(seed)
-    k = torch.randn(1, num_kv_heads, context, head_dim, generator=g)  # (B, Hkv, T, D)
-    v = torch.randn(1, num_kv_heads, context, head_dim, generator=g)
-    scaling = head_dim_scaling(head_dim)
-    layers: dict[str, KVLayer] = {"dense": EvictingLayer(0, spec), "quest": cfg.make_layer(0, spec)}
-    times: dict[str, list[float]] = {name: [] for name in layers}
-    with torch.inference_mode():
-        for layer in layers.values():  # prefill without attention cost: store the keys only
-            if isinstance(layer, QuestLayer):
-                layer._init_buffers(1)
-                layer._append(k, v, torch.ones(1, context, dtype=torch.bool))
-            else:
-                q0 = torch.randn(1, num_heads, 1, head_dim, generator=g)
-                layer.attend(q0, k[:, :, :1], v[:, :, :1], torch.ones(1, 1, dtype=torch.bool), scaling)
-                assert isinstance(layer, EvictingLayer) and layer.store is not None
-                layer.store.append(k[:, :, 1:], v[:, :, 1:], torch.arange(1, context).view(1, -1),
-                                   torch.ones(1, context - 1, dtype=torch.bool))
-        for _ in range(repeats):
-            q = torch.randn(1, num_heads, 1, head_dim, generator=g)  # (B, Hq, 1, D)
-            kn = torch.randn(1, num_kv_heads, 1, head_dim, generator=g)
-            vn = torch.randn(1, num_kv_heads, 1, head_dim, generator=g)
-            ok = torch.ones(1, 1, dtype=torch.bool)
-            for name, layer in layers.items():
-                t0 = time.perf_counter()
-                layer.attend(q, kn, vn, ok, scaling)
-                times[name].append(time.perf_counter() - t0)
-    med = {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
-    return {"context": context, "token_budget": cfg.token_budget, "page_size": page_size,
-            "dense_s": med["dense"], "quest_s": med["quest"], "speedup": med["dense"] / med["quest"]}

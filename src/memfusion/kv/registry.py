@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from memfusion.errors import InvalidInput
@@ -43,8 +44,6 @@ def resolve(policy: str | PolicyConfig, **params: Any) -> PolicyConfig:
     try:
         return cls(**params)
     except TypeError as exc:
-        import dataclasses
-
         allowed = [f.name for f in dataclasses.fields(cls)]
         raise InvalidInput(
             f"bad parameters for policy {policy!r}: {exc}; allowed parameters: {', '.join(allowed) or 'none'}"
