@@ -198,7 +198,7 @@ def _report(report: ConsistencyReport, as_json: bool) -> None:
     table = Table("check", "result", title="consistency: " + ("ok" if report.ok else "PROBLEMS FOUND"))
     table.add_row("records", str(report.records))
     table.add_row("indexed", str(report.indexed))
-    for name in ("missing", "stale", "orphans", "broken_chains"):
+    for name in ("missing", "stale", "orphans", "broken_chains", "live_mismatch"):
         table.add_row(
             name, str(len(getattr(report, name))) + (f" {getattr(report, name)[:10]}" if getattr(report, name) else "")
         )

@@ -17,6 +17,7 @@ import numpy as np
 
 from memfusion.store.dialect import Dialect
 from memfusion.store.index import VectorIndex
+from memfusion.store.live import RowChange
 from memfusion.store.records import ConsistencyReport
 
 #: Largest absolute difference between an index vector and its stored embedding that is not
@@ -47,6 +48,27 @@ def indexable_rows(cursor: Any, dialect: Dialect, after_id: int = 0) -> Iterator
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         vecs = np.stack([dialect.decode_vector(r[1]) for r in rows])  # (b, dim)
         yield ids, vecs
+
+
+def rows_after(cursor: Any, dialect: Dialect, after_id: int = 0) -> Iterator[list[RowChange]]:
+    """Batches of every record row with ``id > after_id`` (tombstones and compacted rows too), by id."""
+    cursor.execute(
+        dialect.sql(
+            "SELECT id, namespace, key, expires_at, compacted, embedding FROM records WHERE id > ? ORDER BY id"
+        ),
+        [after_id],
+    )
+    while rows := cursor.fetchmany(_BATCH):
+        yield [
+            RowChange(
+                rowid=int(r[0]),
+                namespace=r[1],
+                key=r[2],
+                expires_at=None if r[3] is None else int(r[3]),
+                vector=None if r[4] or r[5] is None else dialect.decode_vector(r[5]),
+            )
+            for r in rows
+        ]
 
 
 def broken_chains(cursor: Any, dialect: Dialect) -> list[tuple[str, str]]:
@@ -81,12 +103,3 @@ def check(cursor: Any, dialect: Dialect, index: VectorIndex) -> ConsistencyRepor
     report.orphans = sorted(in_index - seen)
     report.broken_chains = broken_chains(cursor, dialect)
     return report
-
-
-def rebuild(cursor: Any, dialect: Dialect, index: VectorIndex) -> int:
-    """Empty ``index`` and refill it from the records; returns the highest record row id."""
-    index.remove(index.ids())
-    for ids, vecs in indexable_rows(cursor, dialect):
-        index.add(ids, vecs)
-    cursor.execute(dialect.sql("SELECT COALESCE(MAX(id), 0) FROM records"))
-    return int(cursor.fetchone()[0])

@@ -22,9 +22,7 @@ from memfusion.store.records import (
     Op,
 )
 from memfusion.store.sqlbase import SQLBase
-from memfusion.store.versions import (
-    AUDIT_COLS,
-)
+from memfusion.store.versions import AUDIT_COLS, visible_records_sql
 
 #: The audit namespace of store-wide operations (``repair``); not a valid tenant namespace.
 STORE_WIDE = "*"
@@ -60,7 +58,17 @@ class MaintenanceMixin(SQLBase):
     def check(self) -> ConsistencyReport:
         with self._txn(write=False) as cur:
             self._sync(cur)
-            return consistency.check(cur, self._dialect, self.index)
+            report = consistency.check(cur, self._dialect, self.index)
+            now = self._now()
+            namespaces = [r[0] for r in self._exec(cur, "SELECT DISTINCT namespace FROM records").fetchall()]
+            for ns in sorted(set(namespaces) | set(self._live.namespaces())):
+                if not self._live.expire(ns, now):
+                    continue  # the clock went back: searches use SQL, the view is not in use
+                sql, params = visible_records_sql(ns, key=None, as_of=None, valid_at=None, now=now, cols="id")
+                visible = {int(r[0]) for r in self._exec(cur, sql, params).fetchall()}
+                held = set(self._live.live_ids(ns).tolist())
+                report.live_mismatch += sorted(visible ^ held)
+            return report
 
     def repair(self) -> ConsistencyReport:
         """Rebuild the index from the records (audited under namespace ``"*"``)."""
@@ -72,7 +80,8 @@ class MaintenanceMixin(SQLBase):
             with self._txn(write=True) as cur:
                 summary = (
                     f"index rebuilt: {len(before.missing)} missing, {len(before.stale)} stale, "
-                    f"{len(before.orphans)} orphan vectors; {len(before.broken_chains)} broken chains left as found"
+                    f"{len(before.orphans)} orphan vectors, {len(before.live_mismatch)} live-view mismatches; "
+                    f"{len(before.broken_chains)} broken chains left as found"
                 )
                 self._audit(
                     cur,
@@ -118,5 +127,7 @@ class MaintenanceMixin(SQLBase):
                     self._exec(cur, "UPDATE meta SET value = ? WHERE name = 'generation'", [str(old + 1)])
             if rows:
                 self.index.remove(np.array([r[0] for r in rows], dtype=np.int64))
+                for row_ns in {r[1] for r in rows}:
+                    self._live.forget(row_ns, [r[0] for r in rows if r[1] == row_ns])
                 self._generation = old + 1 if old == self._generation else None
         return len(rows)

@@ -143,7 +143,9 @@ class ConsistencyReport:
     - ``stale``: index vectors that differ from the stored embedding of their row;
     - ``orphans``: index ids with no record row;
     - ``broken_chains``: ``(namespace, key)`` whose versions are not exactly 1..n with
-      strictly increasing ``committed_at``.
+      strictly increasing ``committed_at``;
+    - ``live_mismatch``: row ids on which the live view (the index a search "now" uses) and
+      the records disagree: held but not visible now, or visible now but not held.
     """
 
     records: int = 0
@@ -152,7 +154,8 @@ class ConsistencyReport:
     stale: list[int] = field(default_factory=list)
     orphans: list[int] = field(default_factory=list)
     broken_chains: list[tuple[str, str]] = field(default_factory=list)
+    live_mismatch: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.stale or self.orphans or self.broken_chains)
+        return not (self.missing or self.stale or self.orphans or self.broken_chains or self.live_mismatch)

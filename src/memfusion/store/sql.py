@@ -42,6 +42,7 @@ from memfusion.store.base import (
 )
 from memfusion.store.dialect import from_us, opt_us, to_us
 from memfusion.store.graph import GraphMixin
+from memfusion.store.live import RowChange
 from memfusion.store.maintenance import MaintenanceMixin
 from memfusion.store.options import (
     check_actor,
@@ -116,8 +117,7 @@ class SQLStore(GraphMixin, MaintenanceMixin, Store):
                     outcome.current_version,
                 )
             rowid, record, vec = outcome
-            self.index.add(np.array([rowid], dtype=np.int64), vec[None, :])
-            self._note_own_row(rowid)
+            self._applied([self._change(rowid, record, vec)])
         return record
 
     def _put_locked(
@@ -220,6 +220,11 @@ class SQLStore(GraphMixin, MaintenanceMixin, Store):
         )
         return rowid, record, vec
 
+    @staticmethod
+    def _change(rowid: int, record: Record, vec: np.ndarray) -> RowChange:
+        expires = None if record.expires_at is None else to_us(record.expires_at)
+        return RowChange(rowid, record.namespace, record.key, expires, vec)
+
     def _free_key(self, cur: Any, ns: str, key: str, now: int) -> tuple[str, tuple[int, Record, bool] | None]:
         """The first ``key#n`` (n = 2, 3, ...) with no live version, and its latest version."""
         n = 2
@@ -304,7 +309,7 @@ class SQLStore(GraphMixin, MaintenanceMixin, Store):
                     new_version=current + 1,
                     reason=reason,
                 )
-            self._note_own_row(rowid)
+            self._applied([RowChange(rowid, ns, key, None, None)])
         return replace(
             latest[1],
             version=current + 1,
@@ -340,16 +345,23 @@ class SQLStore(GraphMixin, MaintenanceMixin, Store):
             q = self._embed(check_text(query))
         with self._txn(write=False) as cur:
             self._sync(cur)
-            sql, params = visible_records_sql(
-                ns, key=None, as_of=opt_us(t), valid_at=opt_us(w), now=self._now(), cols="id"
-            )
-            for name, value in conditions.items():
-                clause, more = self._dialect.filter_clause("r.metadata", name, value)
-                sql, params = f"{sql} AND {clause}", [*params, *more]
-            candidates = np.array([r[0] for r in self._exec(cur, sql, params).fetchall()], dtype=np.int64)
-            if not len(candidates):
+            now = self._now()
+            live = t is None and w is None and self._live.expire(ns, now)
+            index = self._live.index(ns) if live else self.index
+            if index is None:  # the namespace has never held a live record
                 return []
-            ids, scores = self.index.search(q, k, candidates=candidates)
+            candidates: np.ndarray | None = None
+            if conditions or not live:
+                sql, params = visible_records_sql(
+                    ns, key=None, as_of=opt_us(t), valid_at=opt_us(w), now=now, cols="id"
+                )
+                for name, value in conditions.items():
+                    clause, more = self._dialect.filter_clause("r.metadata", name, value)
+                    sql, params = f"{sql} AND {clause}", [*params, *more]
+                candidates = np.array([r[0] for r in self._exec(cur, sql, params).fetchall()], dtype=np.int64)
+                if not len(candidates):
+                    return []
+            ids, scores = index.search(q, k, candidates=candidates)
             if not len(ids):
                 return []
             marks = ", ".join("?" * len(ids))

@@ -7,11 +7,13 @@ Invariants:
   a write transaction starts with ``dialect.begin_write`` (the database's write lock);
 - ``meta`` holds the schema version, the embedder (name, dim) and the index *generation*;
   reopening with another embedder raises :class:`~memfusion.errors.InvalidInput`;
-- the vector index is derived, per process, in memory: one vector per indexable row (a
-  record row with an embedding; every version, so ``search(as_of=...)`` reaches old ones).
-  Rows written here are added after commit; rows written by other processes are added by
-  :meth:`SQLBase._sync` before each search/check (row ids grow in commit order because the
-  write lock serialises writers); a generation change (a compaction elsewhere) rebuilds it.
+- the vector indexes are derived, per process, in memory: the history index ``index`` holds
+  one vector per indexable row (a record row with an embedding; every version, so
+  ``search(as_of=...)`` reaches old ones) and the live view (:mod:`memfusion.store.live`) the
+  current row of each key per namespace. Rows written here are applied after commit; rows
+  written by other processes are applied by :meth:`SQLBase._sync` before each search/check
+  (row ids grow in commit order because the write lock serialises writers); a generation
+  change (a compaction elsewhere) rebuilds both.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from memfusion.store.base import (
 from memfusion.store.dialect import SCHEMA_VERSION, Dialect, to_us
 from memfusion.store.embed import Embedder
 from memfusion.store.index import ExactIndex, VectorIndex
+from memfusion.store.live import LiveView, RowChange
 from memfusion.store.versions import (
     append_audit,
 )
@@ -69,7 +72,8 @@ class SQLBase(Store):
         self.index: VectorIndex = default_index(embedder.dim) if index is None else index
         if getattr(self.index, "dim", None) != embedder.dim:
             raise InvalidInput(f"index dim {getattr(self.index, 'dim', None)} != embedder dim {embedder.dim}")
-        self._indexed_upto = 0  # every indexable row with id <= this is in the index
+        self._live = LiveView(lambda: default_index(embedder.dim))
+        self._indexed_upto = 0  # every row with id <= this is in the index and the live view
         self._own: set[int] = set()  # ids added by this process above _indexed_upto
         self._generation: int | None = None  # None: rebuild at the next sync
         self._init_meta()
@@ -128,18 +132,31 @@ class SQLBase(Store):
             )
 
     def _sync(self, cur: Any) -> None:
-        """Bring the in-memory index up to date with rows committed by any process."""
+        """Bring the history index and the live view up to date with rows committed by any process."""
         generation = int(self._exec(cur, "SELECT value FROM meta WHERE name = 'generation'").fetchone()[0])
         if generation != self._generation:
-            self._indexed_upto = consistency.rebuild(cur, self._dialect, self.index)
-            self._generation, self._own = generation, set()
-            return
-        for ids, vecs in consistency.indexable_rows(cur, self._dialect, after_id=self._indexed_upto):
-            fresh = np.array([i not in self._own for i in ids.tolist()], dtype=bool)
-            if fresh.any():
-                self.index.add(ids[fresh], vecs[fresh])
-        self._indexed_upto = int(self._exec(cur, "SELECT COALESCE(MAX(id), 0) FROM records").fetchone()[0])
+            self.index.remove(self.index.ids())
+            self._live.reset()
+            self._indexed_upto, self._own = 0, set()
+            self._generation = generation
+        for changes in consistency.rows_after(cur, self._dialect, after_id=self._indexed_upto):
+            fresh = [c for c in changes if c.vector is not None and c.rowid not in self._own]
+            if fresh:
+                ids = np.fromiter((c.rowid for c in fresh), dtype=np.int64, count=len(fresh))
+                self.index.add(ids, np.stack([c.vector for c in fresh if c.vector is not None]))  # (n, dim)
+            self._live.apply(changes)
+            self._indexed_upto = max(self._indexed_upto, changes[-1].rowid)
         self._own = {i for i in self._own if i > self._indexed_upto}
+
+    def _applied(self, changes: list[RowChange]) -> None:
+        """After committing ``changes`` here: index their vectors and move the live view."""
+        fresh = [c for c in changes if c.vector is not None]
+        if fresh:
+            ids = np.fromiter((c.rowid for c in fresh), dtype=np.int64, count=len(fresh))
+            self.index.add(ids, np.stack([c.vector for c in fresh if c.vector is not None]))  # (n, dim)
+        self._live.apply(changes)
+        for change in sorted(changes, key=lambda c: c.rowid):
+            self._note_own_row(change.rowid)
 
     def _note_own_row(self, rowid: int) -> None:
         """After committing row ``rowid`` here (and indexing it if it has a vector)."""
