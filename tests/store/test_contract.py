@@ -13,8 +13,8 @@ from datetime import timedelta
 
 import pytest
 
-from memfusion.errors import NotFound, VersionConflict
-from memfusion.store import ConflictPolicy, Op, Record, Store, Write
+from memfusion.errors import InvalidInput, NotFound, VersionConflict
+from memfusion.store import ConflictPolicy, Op, PutItem, Record, Store, Write
 from tests.store.conftest import T0, FakeClock, Opener
 
 S = timedelta(seconds=1)
@@ -318,3 +318,55 @@ def test_threads_share_one_store(store: Store) -> None:
     hist = store.history("ns", "counter")
     assert [r.text for r in hist] == [str(v) for v in range(1, 101)]
     assert [r.version for r in hist] == list(range(1, 101))
+
+
+def test_put_many_is_ordered_puts_in_one_transaction(store: Store, clock: FakeClock) -> None:
+    store.put("ns", "a", "a one")
+    records = store.put_many(
+        "ns",
+        [
+            {"key": "a", "text": "a two", "expected_version": 1},
+            {"key": "b", "text": "b one", "metadata": {"m": 1}, "ttl": 10},
+            PutItem(key="a", text="a three"),  # a key twice in one batch: the later item is the next version
+        ],
+        actor="batch",
+        reason="import",
+    )
+    assert [(r.key, r.version, r.text, r.actor, r.reason) for r in records] == [
+        ("a", 2, "a two", "batch", "import"),
+        ("b", 1, "b one", "batch", "import"),
+        ("a", 3, "a three", "batch", "import"),
+    ]
+    assert records[1].metadata == {"m": 1} and records[1].expires_at == T0 + 10 * S
+    assert store.history("ns", "a")[1:] == [records[0], records[2]]
+    assert store.get("ns", "b") == records[1]
+    assert {h.record.key for h in store.search("ns", "one three", k=5)} == {"a", "b"}  # one live row per key
+    assert [(e.op, e.key, e.new_version) for e in store.audit("ns")[1:]] == [
+        (Op.PUT, "a", 2),
+        (Op.PUT, "b", 1),
+        (Op.PUT, "a", 3),
+    ]
+    assert store.put_many("ns", []) == []
+    assert store.check().ok
+
+
+def test_put_many_is_all_or_nothing(store: Store) -> None:
+    store.put("ns", "a", "a one")
+    before = (store.history("ns", "a"), store.audit("ns"))
+    with pytest.raises(VersionConflict) as err:
+        store.put_many("ns", [{"key": "b", "text": "b one"}, {"key": "a", "text": "stale", "expected_version": 7}])
+    assert err.value.current_version == 1
+    with pytest.raises(VersionConflict):
+        store.put_many("ns", [{"key": "c", "text": "c"}, {"key": "a", "text": "x"}], on_conflict=ConflictPolicy.REJECT)
+    with pytest.raises(InvalidInput, match="item 1 needs 'key' and 'text'"):
+        store.put_many("ns", [{"key": "b", "text": "b"}, {"key": "c", "txt": "typo"}])
+    with pytest.raises(InvalidInput, match="empty"):
+        store.put_many("ns", [{"key": "b", "text": "b"}, {"key": "c", "text": ""}])
+    with pytest.raises(InvalidInput, match="iterable of PutItem"):
+        store.put_many("ns", {"key": "b", "text": "b"})  # type: ignore[arg-type]
+    assert (store.history("ns", "a"), store.audit("ns")) == before
+    for key in ("b", "c"):
+        with pytest.raises(NotFound):
+            store.get("ns", key)
+    assert store.search("ns", "b one", k=5)[0].record.key == "a"
+    assert store.check().ok

@@ -20,6 +20,7 @@ from memfusion.store.records import (
     Edge,
     Hit,
     Op,
+    PutItem,
     Record,
     Write,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "Edge",
     "Hit",
     "Op",
+    "PutItem",
     "Record",
     "Store",
     "Write",

@@ -28,7 +28,7 @@ import json
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,6 +42,7 @@ from memfusion.store.records import (
     ConsistencyReport,
     Edge,
     Hit,
+    PutItem,
     Record,
     Resolver,
 )
@@ -181,6 +182,23 @@ class Store(ABC):
         on_conflict: ConflictPolicy | Resolver = ConflictPolicy.LAST_WRITER_WINS,
     ) -> Record:
         """Append a version; returns it. ``ttl`` in seconds; ``vector`` overrides the embedder."""
+
+    @abstractmethod
+    def put_many(
+        self,
+        namespace: str,
+        items: Iterable[PutItem | Mapping[str, Any]],
+        *,
+        actor: str = "memfusion",
+        reason: str | None = None,
+        on_conflict: ConflictPolicy | Resolver = ConflictPolicy.LAST_WRITER_WINS,
+    ) -> list[Record]:
+        """Several puts in ONE transaction, in order: all are committed or none is.
+
+        Each item is a :class:`PutItem` or a dict of its fields (``key``, ``text``, ...). Texts
+        without a ``vector`` are embedded in one batch. A conflict (a stale ``expected_version``,
+        or a ``reject`` policy meeting a live version) raises and commits nothing.
+        """
 
     @abstractmethod
     def get(

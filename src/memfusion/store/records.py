@@ -135,6 +135,20 @@ class Write:
 Resolver = Callable[[Record, Write], "ConflictPolicy | Write"]
 
 
+@dataclass(frozen=True)
+class PutItem:
+    """One write of :meth:`Store.put_many`: the arguments of :meth:`Store.put` for one key."""
+
+    key: str
+    text: str
+    metadata: dict[str, JSON] | None = None
+    expected_version: int | None = None
+    ttl: float | None = None
+    valid_from: datetime | None = None
+    valid_to: datetime | None = None
+    vector: Any = None
+
+
 @dataclass
 class ConsistencyReport:
     """What :meth:`Store.check` found. The records are the truth; the index is derived.

@@ -21,8 +21,8 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -58,6 +58,7 @@ from memfusion.store.records import (
     ConflictPolicy,
     Hit,
     Op,
+    PutItem,
     Record,
     Resolver,
     Write,
@@ -79,6 +80,54 @@ class _Rejected:
         self.current_version = current_version
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """A validated :class:`PutItem` (``vector`` None: embed ``write.text``)."""
+
+    key: str
+    write: Write
+    expected: int | None
+    ttl: float | None
+    interval: tuple[datetime | None, datetime | None]
+    vector: np.ndarray | None
+
+
+_ITEM_FIELDS = {f.name for f in fields(PutItem)}
+
+
+def _as_item(item: Any, n: int) -> PutItem:
+    if isinstance(item, PutItem):
+        return item
+    if not isinstance(item, Mapping):
+        raise InvalidInput(f"put_many item {n} must be a PutItem or a dict, got {type(item).__name__}")
+    unknown = set(item) - _ITEM_FIELDS
+    if unknown or "key" not in item or "text" not in item:
+        raise InvalidInput(
+            f"put_many item {n} needs 'key' and 'text' and may carry {sorted(_ITEM_FIELDS - {'key', 'text'})}; "
+            f"got {sorted(item)}"
+        )
+    return PutItem(**item)
+
+
+def _checked(item: PutItem, dim: int) -> _Checked:
+    return _Checked(
+        key=check_key(item.key),
+        write=Write(text=check_text(item.text), metadata=check_metadata(item.metadata)),
+        expected=check_expected_version(item.expected_version),
+        ttl=check_ttl(item.ttl),
+        interval=check_interval(item.valid_from, item.valid_to),
+        vector=None if item.vector is None else check_vector(item.vector, dim),
+    )
+
+
+def _conflict(ns: str, key: str, rejected: _Rejected) -> VersionConflict:
+    return VersionConflict(
+        f"{ns}/{key} already holds a live version {rejected.current_version} and on_conflict rejects "
+        f"overwrites: pass expected_version={rejected.current_version} to replace it",
+        rejected.current_version,
+    )
+
+
 class SQLStore(GraphMixin, MaintenanceMixin, Store):
     """:class:`Store` over one DB-API connection and a :class:`Dialect` (thread-safe)."""
 
@@ -98,27 +147,70 @@ class SQLStore(GraphMixin, MaintenanceMixin, Store):
         vector: Sequence[float] | np.ndarray | None = None,
         on_conflict: ConflictPolicy | Resolver = ConflictPolicy.LAST_WRITER_WINS,
     ) -> Record:
-        ns, key = check_namespace(namespace), check_key(key)
-        write = Write(text=check_text(text), metadata=check_metadata(metadata))
-        expected, policy = check_expected_version(expected_version), check_policy(on_conflict)
-        actor, reason, ttl_s = check_actor(actor), check_reason(reason), check_ttl(ttl)
-        interval = check_interval(valid_from, valid_to)
-        user_vec = None if vector is None else check_vector(vector, self.embedder.dim)
-        vec = self._embed(write.text) if user_vec is None else user_vec
+        ns = check_namespace(namespace)
+        item = PutItem(key, text, metadata, expected_version, ttl, valid_from, valid_to, vector)
+        return self._put_batch(ns, [item], actor, reason, on_conflict)[0]
+
+    def put_many(
+        self,
+        namespace: str,
+        items: Iterable[PutItem | Mapping[str, Any]],
+        *,
+        actor: str = "memfusion",
+        reason: str | None = None,
+        on_conflict: ConflictPolicy | Resolver = ConflictPolicy.LAST_WRITER_WINS,
+    ) -> list[Record]:
+        ns = check_namespace(namespace)
+        if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
+            raise InvalidInput("put_many takes an iterable of PutItem or dicts (key=..., text=..., ...)")
+        return self._put_batch(ns, [_as_item(i, n) for n, i in enumerate(items)], actor, reason, on_conflict)
+
+    def _put_batch(
+        self, ns: str, items: list[PutItem], actor: str, reason: str | None, on_conflict: ConflictPolicy | Resolver
+    ) -> list[Record]:
+        """Validate everything, embed in one batch, then append every item in ONE transaction."""
+        policy, actor, reason = check_policy(on_conflict), check_actor(actor), check_reason(reason)
+        checked = [_checked(item, self.embedder.dim) for item in items]
+        texts = [c.write.text for c in checked if c.vector is None]
+        embedded = iter(self._embed_many(texts))
+        vecs = [c.vector if c.vector is not None else next(embedded) for c in checked]
+        if not checked:
+            return []
         with self._lock:
+            outcomes: list[tuple[int, Record, np.ndarray]] = []
+            rejected: _Rejected | None = None
             with self._txn(write=True) as cur:
-                outcome = self._put_locked(
-                    cur, ns, key, write, vec, user_vec is not None, expected, policy, actor, reason, ttl_s, interval
-                )
-            if isinstance(outcome, _Rejected):
-                raise VersionConflict(
-                    f"{ns}/{key} already holds a live version {outcome.current_version} and on_conflict rejects "
-                    f"overwrites: pass expected_version={outcome.current_version} to replace it",
-                    outcome.current_version,
-                )
-            rowid, record, vec = outcome
-            self._applied([self._change(rowid, record, vec)])
-        return record
+                for c, vec in zip(checked, vecs, strict=True):
+                    outcome = self._put_locked(
+                        cur,
+                        ns,
+                        c.key,
+                        c.write,
+                        vec,
+                        c.vector is not None,
+                        c.expected,
+                        policy,
+                        actor,
+                        reason,
+                        c.ttl,
+                        c.interval,
+                    )
+                    if isinstance(outcome, _Rejected):
+                        if len(checked) > 1:  # a batch is all or nothing: roll back, audit line included
+                            raise _conflict(ns, c.key, outcome)
+                        rejected = outcome  # one put commits the audit line of its rejection, then raises
+                        break
+                    outcomes.append(outcome)
+            if rejected is not None:
+                raise _conflict(ns, checked[0].key, rejected)
+            self._applied([self._change(rowid, record, vec) for rowid, record, vec in outcomes])
+        return [record for _, record, _ in outcomes]
+
+    def _embed_many(self, texts: list[str]) -> list[np.ndarray]:
+        if not texts:
+            return []
+        out = self.embedder.embed(texts)
+        return [check_vector(v, self.embedder.dim) for v in out]
 
     def _put_locked(
         self,
@@ -352,9 +444,7 @@ class SQLStore(GraphMixin, MaintenanceMixin, Store):
                 return []
             candidates: np.ndarray | None = None
             if conditions or not live:
-                sql, params = visible_records_sql(
-                    ns, key=None, as_of=opt_us(t), valid_at=opt_us(w), now=now, cols="id"
-                )
+                sql, params = visible_records_sql(ns, key=None, as_of=opt_us(t), valid_at=opt_us(w), now=now, cols="id")
                 for name, value in conditions.items():
                     clause, more = self._dialect.filter_clause("r.metadata", name, value)
                     sql, params = f"{sql} AND {clause}", [*params, *more]
