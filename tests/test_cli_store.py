@@ -152,6 +152,7 @@ def test_check_and_repair_clean_store(url: str) -> None:
         "stale": [],
         "orphans": [],
         "broken_chains": [],
+        "live_mismatch": [],
     }
     assert store("check", url).exit_code == 0
     assert ok_json("repair", url)["ok"] is True

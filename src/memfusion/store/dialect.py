@@ -127,6 +127,22 @@ class Dialect:
             "CREATE INDEX IF NOT EXISTS audit_ns ON audit (namespace, seq)",
         ]
 
+    # -- the live-vector table (databases with vector search: PostgreSQL + pgvector) -----------
+    #: True if the database searches the live rows itself (see ``memfusion.store.pgvector``);
+    #: False: the store keeps them in an in-memory index (``memfusion.store.live``).
+    vector_search = False
+
+    def live_put(
+        self, cursor: Any, namespace: str, key: str, rowid: int, expires_at: int | None, vector: np.ndarray
+    ) -> None:
+        """Row ``rowid`` is now the live version of ``key`` (called in the write transaction)."""
+
+    def live_remove(self, cursor: Any, namespace: str, key: str) -> None:
+        """``key`` has no live version any more (a tombstone was appended)."""
+
+    def live_forget(self, cursor: Any, rowids: list[int]) -> None:
+        """Rows erased in place (compaction) must never be served again."""
+
     def filter_clause(self, column: str, key: str, value: JSON) -> tuple[str, list[Any]]:
         """SQL matching rows whose metadata ``key`` equals ``value`` (type-exact, bound params).
 

@@ -62,13 +62,19 @@ class MaintenanceMixin(SQLBase):
             now = self._now()
             namespaces = [r[0] for r in self._exec(cur, "SELECT DISTINCT namespace FROM records").fetchall()]
             for ns in sorted(set(namespaces) | set(self._live.namespaces())):
-                if not self._live.expire(ns, now):
-                    continue  # the clock went back: searches use SQL, the view is not in use
                 sql, params = visible_records_sql(ns, key=None, as_of=None, valid_at=None, now=now, cols="id")
                 visible = {int(r[0]) for r in self._exec(cur, sql, params).fetchall()}
-                held = set(self._live.live_ids(ns).tolist())
-                report.live_mismatch += sorted(visible ^ held)
+                report.live_mismatch += self._live_mismatch(cur, ns, visible, now)
             return report
+
+    def _live_mismatch(self, cur: Any, ns: str, visible: set[int], now: int) -> list[int]:
+        """Row ids where the live rows held for ``ns`` differ from ``visible`` (sorted)."""
+        if not self._live.expire(ns, now):
+            return []  # the clock went back: searches use SQL, the view is not in use
+        return sorted(visible ^ set(self._live.live_ids(ns).tolist()))
+
+    def _rebuild_live(self, cur: Any) -> None:
+        """Rebuild live rows kept in the database (none here: the in-memory view rebuilds on sync)."""
 
     def repair(self) -> ConsistencyReport:
         """Rebuild the index from the records (audited under namespace ``"*"``)."""
@@ -78,6 +84,7 @@ class MaintenanceMixin(SQLBase):
                 self._generation = None
                 self._sync(cur)
             with self._txn(write=True) as cur:
+                self._rebuild_live(cur)
                 summary = (
                     f"index rebuilt: {len(before.missing)} missing, {len(before.stale)} stale, "
                     f"{len(before.orphans)} orphan vectors, {len(before.live_mismatch)} live-view mismatches; "
@@ -122,6 +129,7 @@ class MaintenanceMixin(SQLBase):
                         old_version=version,
                         new_version=None,
                     )
+                self._dialect.live_forget(cur, [r[0] for r in rows])
                 old = int(self._exec(cur, "SELECT value FROM meta WHERE name = 'generation'").fetchone()[0])
                 if rows:
                     self._exec(cur, "UPDATE meta SET value = ? WHERE name = 'generation'", [str(old + 1)])

@@ -285,6 +285,7 @@ class SQLStore(GraphMixin, MaintenanceMixin, Store):
             deleted=False,
             embedding=self._dialect.encode_vector(vec),
         )
+        self._dialect.live_put(cur, ns, key, rowid, expires, vec)
         self._audit(
             cur,
             namespace=ns,
@@ -390,6 +391,7 @@ class SQLStore(GraphMixin, MaintenanceMixin, Store):
                     deleted=True,
                     embedding=None,
                 )
+                self._dialect.live_remove(cur, ns, key)
                 self._audit(
                     cur,
                     namespace=ns,
@@ -436,25 +438,50 @@ class SQLStore(GraphMixin, MaintenanceMixin, Store):
         else:
             q = self._embed(check_text(query))
         with self._txn(write=False) as cur:
-            self._sync(cur)
             now = self._now()
-            live = t is None and w is None and self._live.expire(ns, now)
-            index = self._live.index(ns) if live else self.index
-            if index is None:  # the namespace has never held a live record
+            if t is None and w is None:
+                found = self._search_now(cur, ns, q, k, conditions, now)
+                if found is not None:
+                    return found
+            self._sync(cur)
+            candidates = self._visible_ids(cur, ns, opt_us(t), opt_us(w), now, conditions)
+            if not len(candidates):
                 return []
-            candidates: np.ndarray | None = None
-            if conditions or not live:
-                sql, params = visible_records_sql(ns, key=None, as_of=opt_us(t), valid_at=opt_us(w), now=now, cols="id")
-                for name, value in conditions.items():
-                    clause, more = self._dialect.filter_clause("r.metadata", name, value)
-                    sql, params = f"{sql} AND {clause}", [*params, *more]
-                candidates = np.array([r[0] for r in self._exec(cur, sql, params).fetchall()], dtype=np.int64)
-                if not len(candidates):
-                    return []
-            ids, scores = index.search(q, k, candidates=candidates)
-            if not len(ids):
+            ids, scores = self.index.search(q, k, candidates=candidates)
+            return self._hits(cur, ids, scores)
+
+    def _search_now(
+        self, cur: Any, ns: str, q: np.ndarray, k: int, conditions: dict[str, JSON], now: int
+    ) -> list[Hit] | None:
+        """A search of the current facts through the live view; None if the view cannot serve it."""
+        self._sync(cur)
+        if not self._live.expire(ns, now):
+            return None
+        index = self._live.index(ns)
+        if index is None:  # the namespace has never held a live record
+            return []
+        candidates = None
+        if conditions:
+            candidates = self._visible_ids(cur, ns, None, None, now, conditions)
+            if not len(candidates):
                 return []
-            marks = ", ".join("?" * len(ids))
-            rows = self._exec(cur, f"SELECT {RECORD_COLS} FROM records WHERE id IN ({marks})", ids.tolist())
-            by_id = {int(row[0]): record_from_row(self._dialect, row) for row in rows.fetchall()}
+        ids, scores = index.search(q, k, candidates=candidates)
+        return self._hits(cur, ids, scores)
+
+    def _visible_ids(
+        self, cur: Any, ns: str, as_of: int | None, valid_at: int | None, now: int, conditions: dict[str, JSON]
+    ) -> np.ndarray:
+        """Row ids of the visible versions of ``ns`` whose metadata matches ``conditions``."""
+        sql, params = visible_records_sql(ns, key=None, as_of=as_of, valid_at=valid_at, now=now, cols="id")
+        for name, value in conditions.items():
+            clause, more = self._dialect.filter_clause("r.metadata", name, value)
+            sql, params = f"{sql} AND {clause}", [*params, *more]
+        return np.array([r[0] for r in self._exec(cur, sql, params).fetchall()], dtype=np.int64)
+
+    def _hits(self, cur: Any, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        if not len(ids):
+            return []
+        marks = ", ".join("?" * len(ids))
+        rows = self._exec(cur, f"SELECT {RECORD_COLS} FROM records WHERE id IN ({marks})", ids.tolist())
+        by_id = {int(row[0]): record_from_row(self._dialect, row) for row in rows.fetchall()}
         return [Hit(by_id[int(i)], float(s)) for i, s in zip(ids, scores, strict=True) if int(i) in by_id]

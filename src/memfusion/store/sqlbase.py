@@ -77,8 +77,9 @@ class SQLBase(Store):
         self._own: set[int] = set()  # ids added by this process above _indexed_upto
         self._generation: int | None = None  # None: rebuild at the next sync
         self._init_meta()
-        with self._txn(write=False) as cur:
-            self._sync(cur)
+        if not dialect.vector_search:  # with vector search in the database, built on first need
+            with self._txn(write=False) as cur:
+                self._sync(cur)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -144,17 +145,21 @@ class SQLBase(Store):
             if fresh:
                 ids = np.fromiter((c.rowid for c in fresh), dtype=np.int64, count=len(fresh))
                 self.index.add(ids, np.stack([c.vector for c in fresh if c.vector is not None]))  # (n, dim)
-            self._live.apply(changes)
+            if not self._dialect.vector_search:
+                self._live.apply(changes)
             self._indexed_upto = max(self._indexed_upto, changes[-1].rowid)
         self._own = {i for i in self._own if i > self._indexed_upto}
 
     def _applied(self, changes: list[RowChange]) -> None:
         """After committing ``changes`` here: index their vectors and move the live view."""
+        if self._generation is None:  # nothing is in memory yet: the first _sync reads these rows
+            return
         fresh = [c for c in changes if c.vector is not None]
         if fresh:
             ids = np.fromiter((c.rowid for c in fresh), dtype=np.int64, count=len(fresh))
             self.index.add(ids, np.stack([c.vector for c in fresh if c.vector is not None]))  # (n, dim)
-        self._live.apply(changes)
+        if not self._dialect.vector_search:
+            self._live.apply(changes)
         for change in sorted(changes, key=lambda c: c.rowid):
             self._note_own_row(change.rowid)
 
