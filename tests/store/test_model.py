@@ -2,8 +2,9 @@
 in-memory model of the semantics (hypothesis stateful testing).
 
 The model is a list of versions per (namespace, key) and the visibility rule of
-``memfusion.store.versions`` written out directly in Python; the store runs on SQLite with a
-frozen, manually advanced clock so commit times are predictable.
+``memfusion.store.versions`` written out directly in Python; the store runs on each backend
+(SQLite, and PostgreSQL with pgvector) with a frozen, manually advanced clock so commit times
+are predictable.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -20,7 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 from memfusion.errors import NotFound, VersionConflict
 from memfusion.store import open_store
 from memfusion.store.embed import HashingEmbedder
-from tests.store.conftest import T0, FakeClock
+from tests.store.conftest import T0, FakeClock, pg_url
 
 US = timedelta(microseconds=1)
 YEARS = [T0.replace(year=y) for y in range(2020, 2025)]
@@ -44,11 +46,14 @@ class Version:
 
 
 class StoreModel(RuleBasedStateMachine):
+    backend = "sqlite"
+
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="memfusion-model-")
+        self.url = f"sqlite:///{self.dir}/m.db" if self.backend == "sqlite" else pg_url(Path(self.dir))
         self.clock = FakeClock()
-        self.store = open_store(f"sqlite:///{self.dir}/m.db", embedder=HashingEmbedder(16), clock=self.clock)
+        self.store = open_store(self.url, embedder=HashingEmbedder(16), clock=self.clock)
         self.model: dict[tuple[str, str], list[Version]] = {}
         self.instants: list[datetime] = [T0 - US, T0]
 
@@ -174,10 +179,16 @@ class StoreModel(RuleBasedStateMachine):
     @rule()
     def reopen(self) -> None:
         self.store.close()
-        self.store = open_store(f"sqlite:///{self.dir}/m.db", embedder=HashingEmbedder(16), clock=self.clock)
+        self.store = open_store(self.url, embedder=HashingEmbedder(16), clock=self.clock)
 
 
-StoreModel.TestCase.settings = settings(
-    max_examples=30, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+class PostgresStoreModel(StoreModel):
+    backend = "postgresql"
+
+
+for machine in (StoreModel, PostgresStoreModel):
+    machine.TestCase.settings = settings(
+        max_examples=30, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
 TestStoreModel = StoreModel.TestCase
+TestPostgresStoreModel = PostgresStoreModel.TestCase

@@ -1,5 +1,6 @@
-"""Several processes on one store: SIGKILL crash safety (SQLite) and compare-and-set under contention
-(SQLite and PostgreSQL).
+"""Several processes on one store: SIGKILL crash safety of a writer and compare-and-set under
+contention, on SQLite and PostgreSQL (on PostgreSQL the killed process is the client: its open
+transaction must roll back whole).
 
 Children are started with the ``spawn`` method and run the bodies in ``tests.store._workers``.
 """
@@ -55,8 +56,10 @@ def _verify(url: str, acks: list[tuple[str, str, int, str]]) -> None:
         assert report.ok, report
 
 
-def test_sigkill_at_random_moments_loses_no_acknowledged_write(tmp_path: Path) -> None:
-    url, ack_path = f"sqlite:///{tmp_path / 'crash.db'}", tmp_path / "acks.txt"
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_sigkill_at_random_moments_loses_no_acknowledged_write(backend: str, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'crash.db'}" if backend == "sqlite" else pg_url(tmp_path)
+    ack_path = tmp_path / "acks.txt"
     rng = random.Random(20240611)
     killed_while_writing = 0
     for run in range(KILLS):
