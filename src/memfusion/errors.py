@@ -30,6 +30,10 @@ class VersionConflict(MemfusionError):
         self.current_version = current_version
 
 
+class StoreUnavailable(MemfusionError):
+    """The store could not be reached or stayed locked too long; nothing was written. Retry later."""
+
+
 class NotFound(MemfusionError, KeyError):
     """A requested record, key or namespace does not exist."""
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from memfusion.errors import InvalidInput
+from memfusion.errors import InvalidInput, StoreUnavailable
 from memfusion.store import open_store
 from memfusion.store.embed import HashingEmbedder
 from memfusion.store.sqlite import SQLiteStore
@@ -91,3 +91,20 @@ def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="not a usable memfusion SQLite store"):
         open_store(f"sqlite:///{path}", embedder=HashingEmbedder(DIM))
     assert path.read_bytes() == b"this is not an SQLite database" * 100
+
+
+def test_a_lock_held_past_busy_timeout_is_store_unavailable_and_writes_nothing(tmp_path: Path) -> None:
+    """mem0's users meet a raw "database is locked"; here it is a StoreUnavailable that says what to do."""
+    url = f"sqlite:///{tmp_path / 'locked.db'}"
+    store = open_store(url, embedder=HashingEmbedder(16), busy_timeout=0.2)
+    store.put("ns", "k", "first")
+    holder = sqlite3.connect(str(tmp_path / "locked.db"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        with pytest.raises(StoreUnavailable, match=r"busy_timeout=0\.2s; nothing was written"):
+            store.put("ns", "k", "second")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert [r.text for r in store.history("ns", "k")] == ["first"]
+    assert store.put("ns", "k", "second").version == 2  # the lock is gone: writes go through again

@@ -14,13 +14,14 @@ a private in-memory store). Durability and concurrency:
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from memfusion.errors import InvalidInput
+from memfusion.errors import InvalidInput, StoreUnavailable
 from memfusion.store import embed as embed_module
 from memfusion.store.dialect import Dialect
 from memfusion.store.embed import Embedder, HashingEmbedder
@@ -72,7 +73,7 @@ class SQLiteStore(SQLStore):
     ) -> None:
         if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int | float) or not busy_timeout > 0:
             raise InvalidInput(f"busy_timeout must be a positive number of seconds, got {busy_timeout!r}")
-        self.path = path
+        self.path, self.busy_timeout = path, float(busy_timeout)
         try:
             conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -90,6 +91,21 @@ class SQLiteStore(SQLStore):
         except BaseException:
             conn.close()
             raise
+
+    @contextmanager
+    def _txn(self, *, write: bool) -> Iterator[Any]:
+        """:meth:`SQLBase._txn`, with a lock held too long by another writer as StoreUnavailable."""
+        try:
+            with super()._txn(write=write) as cur:
+                yield cur
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            raise StoreUnavailable(
+                f"the SQLite store {self.path!r} stayed locked by another process for more than "
+                f"busy_timeout={self.busy_timeout:g}s; nothing was written: retry, or open it with a larger "
+                f"busy_timeout ({exc})"
+            ) from exc
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteStore:
