@@ -23,7 +23,9 @@ from memfusion.errors import InvalidInput
 class MemoryState:
     """A memory's state: every field is a tensor (B, ...) or a tuple of such tensors.
 
-    Invariant: all tensors share the batch size, device and dtype of the network that made them.
+    Invariant: all tensors share the batch size, device and dtype of the network that made them
+    (one documented exception: the DND's state is one dictionary shared by the whole batch, as in
+    NEC, so its first dimension is the slot).
     ``to_dict`` / ``from_dict`` round-trip exactly (``torch.save`` the dict to persist a state).
     """
 
