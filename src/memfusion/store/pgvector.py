@@ -32,9 +32,14 @@ HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 16, 128, 64
 _BATCH = 2048
 
 
+#: iterative index scans (filtering inside the HNSW walk) arrived in pgvector 0.8.0
+MIN_VERSION = (0, 8)
+
+
 def install(cursor: Any, dim: int) -> str:
     """Create the extension (if needed), the table and its indexes; returns the extension's schema."""
-    cursor.execute("SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'vector'")
+    query = "SELECT extnamespace::regnamespace::text, extversion FROM pg_extension WHERE extname = 'vector'"
+    cursor.execute(query)
     row = cursor.fetchone()
     if row is None:
         try:
@@ -44,9 +49,14 @@ def install(cursor: Any, dim: int) -> str:
                 "the PostgreSQL store needs the pgvector extension: install it on the server "
                 f"(e.g. apt install postgresql-NN-pgvector) or let the store's user create it ({exc})"
             ) from exc
-        cursor.execute("SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'vector'")
+        cursor.execute(query)
         row = cursor.fetchone()
-    schema = str(row[0]).strip('"')
+    schema, ext_version = str(row[0]).strip('"'), str(row[1])
+    if tuple(int(p) for p in ext_version.split(".")[:2] if p.isdigit()) < MIN_VERSION:
+        raise InvalidInput(
+            f"pgvector {ext_version} is too old: the store needs 0.8+ (iterative index scans filter inside the "
+            "HNSW walk); run ALTER EXTENSION vector UPDATE on the server"
+        )
     cursor.execute(
         f"""CREATE TABLE IF NOT EXISTS live_vectors (
             record_id BIGINT PRIMARY KEY, namespace TEXT COLLATE "C" NOT NULL, key TEXT COLLATE "C" NOT NULL,
