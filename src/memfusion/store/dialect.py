@@ -101,6 +101,8 @@ class Dialect:
         return dump_json(value)
 
     def decode_json(self, value: Any) -> JSON:
+        if value == "{}":  # most records carry no metadata
+            return {}
         return json.loads(value) if isinstance(value, str | bytes) else value
 
     def ddl(self) -> list[str]:

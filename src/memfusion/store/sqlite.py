@@ -74,6 +74,7 @@ class SQLiteStore(SQLStore):
         if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int | float) or not busy_timeout > 0:
             raise InvalidInput(f"busy_timeout must be a positive number of seconds, got {busy_timeout!r}")
         self.path, self.busy_timeout = path, float(busy_timeout)
+        self._data_version: int | None = None
         try:
             conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -91,6 +92,19 @@ class SQLiteStore(SQLStore):
         except BaseException:
             conn.close()
             raise
+
+    def _sync(self, cur: Any) -> None:
+        """Skip the catch-up when no other connection has committed since the last one.
+
+        ``PRAGMA data_version`` changes exactly when another connection commits to the file
+        (this connection's own writes are applied as they commit); it is read before the rows,
+        so a commit racing with the catch-up only causes one more catch-up later.
+        """
+        version = int(cur.execute("PRAGMA data_version").fetchone()[0])
+        if version == self._data_version and self._generation is not None:
+            return
+        super()._sync(cur)
+        self._data_version = version
 
     @contextmanager
     def _txn(self, *, write: bool) -> Iterator[Any]:
