@@ -71,7 +71,7 @@ def install(cursor: Any, dim: int) -> str:
 
 def literal(vector: np.ndarray) -> str:
     """pgvector's text form ``[x1,x2,...]`` (float32 values printed exactly)."""
-    return "[" + ",".join(repr(float(x)) for x in np.asarray(vector, dtype=np.float32)) + "]"
+    return "[" + ",".join(map(repr, np.asarray(vector, dtype=np.float32).tolist())) + "]"
 
 
 def parse(text: str) -> np.ndarray:
@@ -109,14 +109,22 @@ def search(
     q = literal(query)
     params = [q, ns, now, *(p for _, ps in where for p in ps)]
     sql = f"SELECT {cols}, -{distance} FROM live_vectors l JOIN records r ON r.id = l.record_id WHERE {conditions}"
-    cursor.execute(f"SET LOCAL hnsw.ef_search = {max(HNSW_EF_SEARCH, k)}")
-    cursor.execute("SET LOCAL hnsw.iterative_scan = strict_order")
+    if k > HNSW_EF_SEARCH:  # the session default (see ``session_settings``) is too small a beam
+        cursor.execute(f"SET hnsw.ef_search = {k}")
     cursor.execute(f"{sql} ORDER BY {distance} LIMIT %s", [*params, q, k])
     rows = cursor.fetchall()
     if len(rows) < k:  # the walk stopped early, or fewer rows are eligible: exact, without the index
         cursor.execute(f"{sql} ORDER BY {distance} + 0 LIMIT %s", [*params, q, k])
         rows = cursor.fetchall()
+    if k > HNSW_EF_SEARCH:
+        cursor.execute(f"SET hnsw.ef_search = {HNSW_EF_SEARCH}")
     return list(rows)
+
+
+def session_settings(cursor: Any) -> None:
+    """The connection's search settings: the beam, and iterative scans that filter inside the walk."""
+    cursor.execute(f"SET hnsw.ef_search = {HNSW_EF_SEARCH}")
+    cursor.execute("SET hnsw.iterative_scan = strict_order")
 
 
 def held(cursor: Any, ns: str, now: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -162,17 +162,22 @@ class PostgresStore(SQLStore):
         super()._init_meta()
         with self._txn(write=True) as cur:
             self._pg.vector_schema = pgvector.install(cur, self.embedder.dim)
+        with self._conn.cursor() as cur:
+            pgvector.session_settings(cur)
 
     @property
     def _pg(self) -> PostgresDialect:
         assert isinstance(self._dialect, PostgresDialect)
         return self._dialect
 
-    def _search_now(
-        self, cur: Any, ns: str, q: np.ndarray, k: int, conditions: dict[str, JSON], now: int
-    ) -> list[Hit] | None:
+    def _search_now(self, ns: str, q: np.ndarray, k: int, conditions: dict[str, JSON]) -> list[Hit] | None:
+        """One statement in autocommit mode (its own snapshot): no BEGIN / COMMIT round trips."""
         where = [self._dialect.filter_clause("r.metadata", name, value) for name, value in conditions.items()]
-        rows = pgvector.search(cur, self._pg.vector_schema, ns, q, k, where, now)
+        with self._lock:
+            if self._closed:
+                raise InvalidInput("this store is closed; open it again with memfusion.open_store(url)")
+            with self._errors(), self._conn.cursor() as cur:
+                rows = pgvector.search(cur, self._pg.vector_schema, ns, q, k, where, self._now())
         return [Hit(record_from_row(self._dialect, row[:-1]), float(row[-1])) for row in rows]
 
     def _live_mismatch(self, cur: Any, ns: str, visible: set[int], now: int) -> list[int]:
@@ -204,11 +209,15 @@ class PostgresStore(SQLStore):
     @contextmanager
     def _txn(self, *, write: bool) -> Iterator[Any]:
         """:meth:`SQLBase._txn`, with PostgreSQL's refusal of NUL characters as InvalidInput."""
+        with self._errors(), super()._txn(write=write) as cur:
+            yield cur
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
         import psycopg
 
         try:
-            with super()._txn(write=write) as cur:
-                yield cur
+            yield
         except psycopg.DataError as exc:
             raise InvalidInput(f"PostgreSQL refused a value (it cannot store NUL characters in text): {exc}") from exc
 

@@ -437,12 +437,12 @@ class SQLStore(GraphMixin, MaintenanceMixin, Store):
             raise InvalidInput("search needs a query text or a vector=")
         else:
             q = self._embed(check_text(query))
+        if t is None and w is None:
+            found = self._search_now(ns, q, k, conditions)
+            if found is not None:
+                return found
         with self._txn(write=False) as cur:
             now = self._now()
-            if t is None and w is None:
-                found = self._search_now(cur, ns, q, k, conditions, now)
-                if found is not None:
-                    return found
             self._sync(cur)
             candidates = self._visible_ids(cur, ns, opt_us(t), opt_us(w), now, conditions)
             if not len(candidates):
@@ -450,23 +450,23 @@ class SQLStore(GraphMixin, MaintenanceMixin, Store):
             ids, scores = self.index.search(q, k, candidates=candidates)
             return self._hits(cur, ids, scores)
 
-    def _search_now(
-        self, cur: Any, ns: str, q: np.ndarray, k: int, conditions: dict[str, JSON], now: int
-    ) -> list[Hit] | None:
+    def _search_now(self, ns: str, q: np.ndarray, k: int, conditions: dict[str, JSON]) -> list[Hit] | None:
         """A search of the current facts through the live view; None if the view cannot serve it."""
-        self._sync(cur)
-        if not self._live.expire(ns, now):
-            return None
-        index = self._live.index(ns)
-        if index is None:  # the namespace has never held a live record
-            return []
-        candidates = None
-        if conditions:
-            candidates = self._visible_ids(cur, ns, None, None, now, conditions)
-            if not len(candidates):
+        with self._txn(write=False) as cur:
+            now = self._now()
+            self._sync(cur)
+            if not self._live.expire(ns, now):
+                return None
+            index = self._live.index(ns)
+            if index is None:  # the namespace has never held a live record
                 return []
-        ids, scores = index.search(q, k, candidates=candidates)
-        return self._hits(cur, ids, scores)
+            candidates = None
+            if conditions:
+                candidates = self._visible_ids(cur, ns, None, None, now, conditions)
+                if not len(candidates):
+                    return []
+            ids, scores = index.search(q, k, candidates=candidates)
+            return self._hits(cur, ids, scores)
 
     def _visible_ids(
         self, cur: Any, ns: str, as_of: int | None, valid_at: int | None, now: int, conditions: dict[str, JSON]
