@@ -200,3 +200,27 @@ def test_check_reports_live_rows_that_disagree_with_the_records_and_repair_fixes
     assert store.repair().ok
     assert [h.record.key for h in store.search("ns", None, k=1, vector=basis((1, 1.0)))] == ["k1"]
     assert "1 live-view mismatches" in (store.audit("*")[-1].reason or "")
+
+
+def test_a_repeated_filtered_search_follows_every_change(store: Store, clock: FakeClock) -> None:
+    """Filtered searches may reuse work between calls; each change must still show at once."""
+    q = basis((0, 1.0))
+
+    def keys() -> list[str]:
+        return sorted(h.record.key for h in store.search("ns", None, k=10, vector=q, filter={"tag": "x"}))
+
+    store.put("ns", "a", "a", metadata={"tag": "x"}, vector=basis((0, 1.0)))
+    store.put("ns", "b", "b", metadata={"tag": "y"}, vector=basis((0, 1.0)))
+    assert keys() == ["a"]
+    store.put("ns", "c", "c", metadata={"tag": "x"}, vector=basis((0, 1.0), (1, 0.5)), ttl=5)
+    assert keys() == ["a", "c"]
+    store.put("ns", "b", "b2", metadata={"tag": "x"}, vector=basis((0, 1.0)))  # b now matches
+    assert keys() == ["a", "b", "c"]
+    store.put("ns", "a", "a2", metadata={"tag": "y"}, vector=basis((0, 1.0)))  # a no longer matches
+    assert keys() == ["b", "c"]
+    store.delete("ns", "b")
+    assert keys() == ["c"]
+    clock.advance(5)  # c expires
+    assert keys() == []
+    store.put("other", "d", "d", metadata={"tag": "x"}, vector=basis((0, 1.0)))  # another namespace
+    assert keys() == []

@@ -78,3 +78,23 @@ def test_forget_and_reset() -> None:
     assert v.live_ids("ns").tolist() == [2]
     v.reset()
     assert v.namespaces() == [] and v.live_ids("ns").tolist() == []
+
+
+def test_version_changes_with_every_change_of_the_namespace_and_never_repeats() -> None:
+    v = view()
+    seen = {v.version("ns")}
+    for change in (
+        lambda: v.apply([RowChange(1, "ns", "a", 100, vec(0))]),
+        lambda: v.apply([RowChange(2, "ns", "a", None, None)]),  # a tombstone
+        lambda: v.apply([RowChange(3, "ns", "b", 100, vec(1))]),
+        lambda: v.expire("ns", 150),  # b expires
+        v.reset,
+        lambda: v.apply([RowChange(1, "ns", "a", 100, vec(0))]),  # the same rows again after a reset
+    ):
+        change()
+        assert v.version("ns") not in seen
+        seen.add(v.version("ns"))
+    before = v.version("ns")
+    v.apply([RowChange(1, "ns", "a", 100, vec(0))])  # a repeat changes nothing
+    v.apply([RowChange(9, "other", "a", None, vec(0))])  # another namespace
+    assert v.version("ns") == before

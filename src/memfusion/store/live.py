@@ -46,9 +46,12 @@ class LiveView:
 
     def __init__(self, make_index: Callable[[], VectorIndex]) -> None:
         self._make_index = make_index
+        self._epoch = 0
         self.reset()
 
     def reset(self) -> None:
+        self._epoch += 1  # a version is (epoch, count): never repeats across resets
+        self._versions: dict[str, int] = {}  # bumped on every change of a namespace's live rows
         self._last: dict[tuple[str, str], int] = {}
         self._index: dict[str, VectorIndex] = {}
         self._expiring: dict[str, list[tuple[int, int, str]]] = {}
@@ -64,6 +67,7 @@ class LiveView:
             if ch.rowid <= prev:
                 continue
             self._last[slot] = ch.rowid
+            self._bump(ch.namespace)
             if prev:
                 pending = adds.get(ch.namespace)
                 if pending is not None and prev in pending:
@@ -100,6 +104,7 @@ class LiveView:
                 dead.append(rowid)
         if dead and namespace in self._index:
             self._index[namespace].remove(np.asarray(dead, dtype=np.int64))
+            self._bump(namespace)
         return True
 
     def forget(self, namespace: str, rowids: list[int]) -> None:
@@ -107,6 +112,14 @@ class LiveView:
         index = self._index.get(namespace)
         if index is not None and rowids:
             index.remove(np.asarray(rowids, dtype=np.int64))
+            self._bump(namespace)
+
+    def _bump(self, namespace: str) -> None:
+        self._versions[namespace] = self._versions.get(namespace, 0) + 1
+
+    def version(self, namespace: str) -> tuple[int, int]:
+        """Changes whenever the live rows of ``namespace`` change (also across :meth:`reset`)."""
+        return self._epoch, self._versions.get(namespace, 0)
 
     def index(self, namespace: str) -> VectorIndex | None:
         return self._index.get(namespace)

@@ -40,7 +40,7 @@ from memfusion.store.base import (
     check_time,
     check_vector,
 )
-from memfusion.store.dialect import from_us, opt_us, to_us
+from memfusion.store.dialect import dump_json, from_us, opt_us, to_us
 from memfusion.store.graph import GraphMixin
 from memfusion.store.live import RowChange
 from memfusion.store.maintenance import MaintenanceMixin
@@ -71,6 +71,9 @@ from memfusion.store.versions import (
     record_from_row,
     visible_records_sql,
 )
+
+#: Filtered searches of the current facts remember this many (namespace, filter) candidate sets.
+FILTER_CACHE_SIZE = 64
 
 
 class _Rejected:
@@ -460,13 +463,29 @@ class SQLStore(GraphMixin, MaintenanceMixin, Store):
             index = self._live.index(ns)
             if index is None:  # the namespace has never held a live record
                 return []
-            candidates = None
-            if conditions:
-                candidates = self._visible_ids(cur, ns, None, None, now, conditions)
-                if not len(candidates):
-                    return []
+            candidates = self._filtered_live(cur, ns, conditions, now) if conditions else None
+            if candidates is not None and not len(candidates):
+                return []
             ids, scores = index.search(q, k, candidates=candidates)
             return self._hits(cur, ids, scores)
+
+    def _filtered_live(self, cur: Any, ns: str, conditions: dict[str, JSON], now: int) -> np.ndarray:
+        """Ids of the rows of ``ns`` matching a filter, cached until the namespace's live rows change.
+
+        A cached set may still hold rows that expired since: the live index no longer holds them,
+        so the search ignores them; every other change bumps the version and drops the entry.
+        """
+        slot = (ns, dump_json(conditions))
+        version = self._live.version(ns)
+        hit = self._filter_cache.get(slot)
+        if hit is not None and hit[0] == version:
+            self._filter_cache.move_to_end(slot)
+            return hit[1]
+        ids = self._visible_ids(cur, ns, None, None, now, conditions)
+        self._filter_cache[slot] = (version, ids)
+        if len(self._filter_cache) > FILTER_CACHE_SIZE:
+            self._filter_cache.popitem(last=False)
+        return ids
 
     def _visible_ids(
         self, cur: Any, ns: str, as_of: int | None, valid_at: int | None, now: int, conditions: dict[str, JSON]

@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -73,6 +74,7 @@ class SQLBase(Store):
         if getattr(self.index, "dim", None) != embedder.dim:
             raise InvalidInput(f"index dim {getattr(self.index, 'dim', None)} != embedder dim {embedder.dim}")
         self._live = LiveView(lambda: default_index(embedder.dim))
+        self._filter_cache: OrderedDict[tuple[str, str], tuple[tuple[int, int], np.ndarray]] = OrderedDict()
         self._indexed_upto = 0  # every row with id <= this is in the index and the live view
         self._own: set[int] = set()  # ids added by this process above _indexed_upto
         self._generation: int | None = None  # None: rebuild at the next sync
