@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,17 +16,9 @@ from memfusion.bench.naive_memories import naive_dnc_forward
 from memfusion.errors import InvalidInput
 from memfusion.neural.dnc import DNC, DNCConfig, DNCState
 from memfusion.neural.ntm import NTM, NTMConfig
+from tests.neural._copy import assert_learns_three_step_copy
 
 SMALL = {"memory_slots": 8, "memory_width": 6, "controller_size": 12, "read_heads": 2}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tiny ops run fastest on one thread (two threads spin against each other on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make(seed: int = 0, **kw: object) -> DNC:
@@ -194,29 +185,8 @@ def test_bad_inputs_raise() -> None:
         model.step(torch.zeros(2, 4), model.initial_state(2))
 
 
-def copy_batch(g: torch.Generator, b: int = 16, length: int = 3, bits: int = 4) -> tuple[Tensor, Tensor]:
-    seq = torch.randint(0, 2, (b, length, bits), generator=g).float()  # (B, L, bits)
-    x = torch.zeros(b, 2 * length + 1, bits + 1)
-    x[:, :length, :bits] = seq
-    x[:, length, bits] = 1.0
-    return x, seq
-
-
 def test_loss_goes_down_on_three_step_copy() -> None:
-    model = make(controller_size=32, read_heads=1)
-    g = torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(100):
-        x, seq = copy_batch(g)
-        y, _ = model(x)
-        loss = nn.functional.binary_cross_entropy_with_logits(y[:, 4:], seq)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    assert last < 0.8 * first, (first, last)
+    assert_learns_three_step_copy(make(controller_size=32, read_heads=1))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -3,7 +3,7 @@ paper equations), their exact semantics on hand-computed cases, gradchecks and i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -17,15 +17,6 @@ from memfusion.neural import functional as fn
 
 EPS = 1e-6
 DT = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tiny ops run fastest on one thread (two threads spin against each other on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rng(seed: int = 0) -> torch.Generator:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +53,9 @@ class MemoryState:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
+S = TypeVar("S", bound=MemoryState)
+
+
 class SequenceMemory(nn.Module, ABC):
     """A recurrent network with an external memory: ``x (B, T, input_size) -> y (B, T, output_size)``.
 
@@ -70,6 +73,21 @@ class SequenceMemory(nn.Module, ABC):
     @abstractmethod
     def step(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
         """One time step: x (B, input_size) -> (y (B, output_size), next state)."""
+
+    def _checked(self, x: Tensor, state: MemoryState, kind: type[S]) -> S:
+        """``state`` as a ``kind``, after checking it and ``x (B, input_size)`` against the state's
+        batch (the first dimension of its first field)."""
+        name = type(self).__name__
+        if not isinstance(state, kind):
+            article = "an" if kind.__name__[0] in "AEFHILMNORSX" else "a"  # letter names: "an NTM..."
+            raise InvalidInput(f"{name}.step needs {article} {kind.__name__}, got {type(state).__name__}")
+        batch = getattr(state, dataclasses.fields(state)[0].name).shape[0]
+        if x.dim() != 2 or x.shape[1] != self.input_size or x.shape[0] != batch:
+            raise InvalidInput(
+                f"{name}.step expects x of shape (B, {self.input_size}) with B = the state's batch "
+                f"{batch}, got {tuple(x.shape)}"
+            )
+        return state
 
     def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
         """Run the sequence x (B, T, input_size); returns (y (B, T, output_size), final state)."""

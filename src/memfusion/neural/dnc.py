@@ -145,16 +145,10 @@ class DNC(SequenceMemory):
         )
 
     def step(self, x: Tensor, state: MemoryState) -> tuple[Tensor, DNCState]:
-        if not isinstance(state, DNCState):
-            raise InvalidInput(f"DNC.step needs a DNCState, got {type(state).__name__}")
+        state = self._checked(x, state, DNCState)
         c = self.config
         r, w, m = c.read_heads, c.write_heads, c.memory_width
         b = x.shape[0]
-        if x.dim() != 2 or x.shape[1] != self.input_size or state.memory.shape[0] != b:
-            raise InvalidInput(
-                f"DNC.step expects x of shape (B, {self.input_size}) with B = the state's batch "
-                f"{state.memory.shape[0]}, got {tuple(x.shape)}"
-            )
         inp = torch.cat([x, state.reads.reshape(b, -1)], dim=-1)  # (B, I + R*M)
         h, cell = self.controller(inp, (state.controller[0], state.controller[1]))  # (B, C)
         (

@@ -116,16 +116,10 @@ class MANN(SequenceMemory):
         )
 
     def step(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MANNState]:
-        if not isinstance(state, MANNState):
-            raise InvalidInput(f"MANN.step needs a MANNState, got {type(state).__name__}")
+        state = self._checked(x, state, MANNState)
         c = self.config
         r, m = c.read_heads, c.memory_width
         b = x.shape[0]
-        if x.dim() != 2 or x.shape[1] != self.input_size or state.memory.shape[0] != b:
-            raise InvalidInput(
-                f"MANN.step expects x of shape (B, {self.input_size}) with B = the state's batch "
-                f"{state.memory.shape[0]}, got {tuple(x.shape)}"
-            )
         inp = torch.cat([x, state.reads.reshape(b, -1)], dim=-1)  # (B, I + H*M)
         h, cell = self.controller(inp, (state.controller[0], state.controller[1]))  # (B, C)
         p = self.head_params(h).view(b, r, self._per_head)  # (B, H, M + 1 [+ 1])

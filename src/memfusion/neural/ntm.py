@@ -150,16 +150,10 @@ class NTM(SequenceMemory):
         return torch.tanh(self.controller(inp)), ()
 
     def step(self, x: Tensor, state: MemoryState) -> tuple[Tensor, NTMState]:
-        if not isinstance(state, NTMState):
-            raise InvalidInput(f"NTM.step needs an NTMState, got {type(state).__name__}")
+        state = self._checked(x, state, NTMState)
         c = self.config
         m, s = c.memory_width, c.shift_range
         b = x.shape[0]
-        if x.dim() != 2 or x.shape[1] != self.input_size or state.memory.shape[0] != b:
-            raise InvalidInput(
-                f"NTM.step expects x of shape (B, {self.input_size}) with B = the state's batch "
-                f"{state.memory.shape[0]}, got {tuple(x.shape)}"
-            )
         inp = torch.cat([x, state.reads.reshape(b, -1)], dim=-1)  # (B, I + R*M)
         h, ctrl = self._controller(inp, state.controller)  # (B, C)
 
