@@ -30,20 +30,63 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
     return tuple(x.strip() for x in value.split(",") if x.strip()) if value else None
 
 
-@app.command()
+bench_app = typer.Typer(
+    help="Benchmarks: KV performance (suites quick, kv) and tasks x policies x lengths (smoke, tasks-quick, "
+    "tasks-full); `bench compare A B` diffs two task result sets.",
+    invoke_without_command=True,
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback()
 def bench(
-    suite: Annotated[str, typer.Option(help=f"Which suite: {', '.join(SUITES)}.")] = "quick",
+    ctx: typer.Context,
+    suite: Annotated[str, typer.Option(help=f"Which suite: {', '.join(SUITES)} (KV performance), or a task suite.")] = (
+        "quick"
+    ),
     contexts: Annotated[str | None, typer.Option(help="Comma-separated context lengths (overrides the suite).")] = None,
     policies: Annotated[str | None, typer.Option(help="Comma-separated policy names (default: all).")] = None,
-    out: Annotated[Path, typer.Option(help="Directory for the report (md, json, png).")] = Path("reports"),
+    out: Annotated[
+        Path | None, typer.Option(help="Directory for the report (default: reports, or reports/SUITE for tasks).")
+    ] = None,
+    lengths: Annotated[str | None, typer.Option(help="Task suites: comma-separated prompt lengths.")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Task suites: comma-separated task names.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Task suites: 'random' (default), 'reference' or a local checkpoint dir.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="Task suites: cpu (default) or cuda[:N].")] = None,
+    batch: Annotated[int | None, typer.Option(help="Task suites: requests decoded together (default 1).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Task suites: seed of the samples and the random model.")] = None,
 ) -> None:
-    """Benchmark KV policies against transformers' DynamicCache on one model, in one run."""
+    """KV performance suites (quick, kv): KV policies against transformers' DynamicCache on one model.
+    Task suites (smoke, tasks-quick, tasks-full): accuracy / KV memory / latency per task x policy x length."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from memfusion.bench.suites import task_suite_name
+
+    if task_suite_name(suite) is not None:
+        _bench_tasks(
+            suite, policies, lengths or contexts, out, tasks=tasks, model=model, device=device, batch=batch, seed=seed
+        )
+        return
+    task_options = {"tasks": tasks, "model": model, "device": device, "batch": batch, "seed": seed}
+    given = [f"--{k}" for k, v in task_options.items() if v is not None]
+    if given:
+        raise typer.BadParameter(f"{', '.join(given)} apply to the task suites only, not to --suite {suite}")
+    _bench_kv(suite, contexts or lengths, policies, out or Path("reports"))
+
+
+def _bench_kv(suite: str, contexts: str | None, policies: str | None, out: Path) -> None:
+    """The KV performance benchmark (kvperf)."""
     from memfusion.bench import kvperf, report
     from memfusion.kv import POLICIES
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if suite not in SUITES:
-        raise typer.BadParameter(f"unknown suite {suite!r}; valid: {', '.join(SUITES)}", param_hint="--suite")
+        from memfusion.bench.suites import SUITES as TASK_SUITES
+
+        valid = ", ".join([*SUITES, *TASK_SUITES])
+        raise typer.BadParameter(f"unknown suite {suite!r}; valid: {valid}", param_hint="--suite")
     try:
         available = tuple(p for p in kvperf.KVBenchConfig.policies if p in POLICIES)
         cfg = kvperf.KVBenchConfig(**SUITES[suite], policies=available)
@@ -77,6 +120,83 @@ def bench(
     paths = report.write(result, out, f"kv-{suite}")
     console.print("\n".join(report.headline(result)))
     console.print(f"report: {paths['md']} ({paths['json'].name}, {paths['png'].name})")
+
+
+def _bench_tasks(
+    suite: str,
+    policies: str | None,
+    lengths: str | None,
+    out: Path | None,
+    *,
+    tasks: str | None,
+    model: str | None,
+    device: str | None,
+    batch: int | None,
+    seed: int | None,
+) -> None:
+    """A task suite on a model (memfusion.bench.runner): results.jsonl, report.md, report.html."""
+    from memfusion.bench import runner
+    from memfusion.bench.suites import get_suite
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        chosen = get_suite(suite).select(
+            tasks=_csv(tasks),
+            policies=_csv(policies),
+            lengths=tuple(int(n) for n in _csv(lengths) or ()) or None,
+        )
+        cfg = runner.RunConfig(
+            suite=chosen,
+            out=out or Path("reports") / chosen.name,
+            model=model or "random",
+            device=device or "cpu",
+            batch=1 if batch is None else batch,
+            seed=0 if seed is None else seed,
+        )
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("loading the model", total=None)
+
+        def step(label: str, done: int, total: int) -> None:
+            bar.update(task, description=label, completed=done, total=total)
+
+        try:
+            summary = runner.run(cfg, progress=step)
+        except MemfusionError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+    console.print(
+        f"{summary.ran} cells run ({summary.failed} failed), {summary.skipped} already finished: {summary.path}"
+    )
+    if summary.report:
+        console.print(f"report: {summary.report['md']} and {summary.report['html'].name}")
+    if summary.interrupted:
+        console.print("[yellow]interrupted:[/yellow] the report covers the finished cells; re-run to resume")
+        raise typer.Exit(130)
+
+
+@bench_app.command("compare")
+def bench_compare(
+    a: Annotated[Path, typer.Argument(help="Result set A: a directory with results.jsonl, or the file.")],
+    b: Annotated[Path, typer.Argument(help="Result set B.")],
+) -> None:
+    """Differences B - A of two task result sets: accuracy (with significance), KV MB, decode latency."""
+    from memfusion.bench import compare
+
+    try:
+        text = compare.render(compare.compare(a, b))
+    except MemfusionError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    print(text)
 
 
 @app.command()
