@@ -107,18 +107,22 @@ def search(
     )
     cols = ", ".join("r." + c.strip() for c in RECORD_COLS.split(","))
     q = literal(query)
-    params = [q, ns, now, *(p for _, ps in where for p in ps)]
-    sql = f"SELECT {cols}, -{distance} FROM live_vectors l JOIN records r ON r.id = l.record_id WHERE {conditions}"
+    params = [q, ns, now, *(p for _, ps in where for p in ps), k]
+    # the vector is sent (and parsed) once: ORDER BY names the output column, which the index serves
+    sql = (
+        f"SELECT {cols}, {distance} AS distance FROM live_vectors l JOIN records r ON r.id = l.record_id "
+        f"WHERE {conditions} ORDER BY distance LIMIT %s"
+    )
     if k > HNSW_EF_SEARCH:  # the session default (see ``session_settings``) is too small a beam
         cursor.execute(f"SET hnsw.ef_search = {k}")
-    cursor.execute(f"{sql} ORDER BY {distance} LIMIT %s", [*params, q, k])
+    cursor.execute(sql, params)
     rows = cursor.fetchall()
     if len(rows) < k:  # the walk stopped early, or fewer rows are eligible: exact, without the index
-        cursor.execute(f"{sql} ORDER BY {distance} + 0 LIMIT %s", [*params, q, k])
+        cursor.execute(sql.replace(" AS distance ", " + 0 AS distance "), params)
         rows = cursor.fetchall()
     if k > HNSW_EF_SEARCH:
         cursor.execute(f"SET hnsw.ef_search = {HNSW_EF_SEARCH}")
-    return list(rows)
+    return [(*row[:-1], -row[-1]) for row in rows]  # inner product = -distance
 
 
 def session_settings(cursor: Any) -> None:
