@@ -12,10 +12,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from memfusion.cli_store import store_app
+from memfusion.cli_train import train_command
 from memfusion.errors import MemfusionError
 
 app = typer.Typer(help="memfusion: KV-cache policies, memories and their benchmark.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+app.command("train")(train_command)
 console = Console()
 
 SUITES: dict[str, dict[str, Any]] = {

@@ -1,0 +1,126 @@
+"""Knowledge-tracing recipes: DKVMN (Zhang et al. 2017) and the DKT LSTM baseline (Piech et al. 2015).
+
+Data: Synthetic-5 (:class:`~memfusion.bench.tasks.tracing.Synthetic5`, ``students`` training and
+``students`` test students, generated once with seed 0: the run's seed changes the initialisation
+and the batches, not the data), or ASSISTments (``data=PATH``: ``skill_builder_data.csv``, students
+split ``test_fraction`` / rest with seed 0). Training draws ``batch_size`` random training rows per
+step; the loss is the binary cross-entropy of every real step's response. Evaluation: the ROC AUC
+of the predicted probabilities over every real step of the test rows (``auc``); on Synthetic-5 also
+``oracle_auc``, the AUC of the generator's true probabilities: the best any model can reach.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memfusion.bench.recipes.base import need
+from memfusion.bench.recipes.baselines import DKT, DKTConfig
+from memfusion.bench.tasks.tracing import KTSequences, Synthetic5, auc, load_assistments
+from memfusion.bench.train import Problem
+from memfusion.neural.dkvmn import DKVMN, DKVMNConfig
+
+_EVAL_CHUNK = 512  # test rows run at once
+
+
+@dataclasses.dataclass(frozen=True)
+class TracingOptions:
+    """data: an ASSISTments CSV (required by the ``assistments`` task, unused by ``synthetic5``);
+    students: Synthetic-5 students per split; max_length: ASSISTments rows are cut to this many
+    interactions; test_fraction: ASSISTments students held out. DKVMN: memory_size ``N``, key_size
+    ``d_k``, value_size ``d_v``, summary_size. DKT: hidden_size (LSTM units)."""
+
+    data: Path | None = None
+    students: int = 2000
+    max_length: int = 200
+    test_fraction: float = 0.3
+    memory_size: int = 20
+    key_size: int = 50
+    value_size: int = 200
+    summary_size: int = 50
+    hidden_size: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("students", "max_length", "memory_size", "key_size", "value_size", "summary_size", "hidden_size"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 1, f"option {name} must be an integer >= 1, got {v!r}")
+        need(0 < self.test_fraction < 1, f"option test_fraction must be in (0, 1), got {self.test_fraction}")
+
+
+def load_data(task: str, options: TracingOptions) -> tuple[KTSequences, KTSequences, float | None]:
+    """(train, test, oracle AUC or None) of ``task`` (``synthetic5`` or ``assistments``)."""
+    if task == "synthetic5":
+        data = Synthetic5(n_train=options.students, n_test=options.students, seed=0).generate()
+        n = options.students
+        oracle = auc(data.prob[n:][data.test.mask], data.test.responses[data.test.mask])
+        return data.train, data.test, oracle
+    need(
+        options.data is not None,
+        "the assistments task reads ASSISTments' skill_builder_data.csv: pass --data PATH (nothing is downloaded)",
+    )
+    assert options.data is not None
+    seqs = load_assistments(options.data, max_length=options.max_length)
+    train, test = seqs.split_by_student(options.test_fraction, seed=0)
+    return train, test, None
+
+
+class TracingProblem(Problem):
+    """DKVMN or DKT on knowledge-tracing sequences; see the module docstring."""
+
+    def __init__(self, model_name: str, task: str, options: TracingOptions, device: torch.device) -> None:
+        self.train, self.test, self.oracle = load_data(task, options)
+        q = self.train.n_questions
+        self.model: nn.Module
+        if model_name == "dkvmn":
+            self.model = DKVMN(
+                DKVMNConfig(
+                    num_questions=q,
+                    memory_size=options.memory_size,
+                    key_size=options.key_size,
+                    value_size=options.value_size,
+                    summary_size=options.summary_size,
+                )
+            )
+        else:
+            self.model = DKT(DKTConfig(num_questions=q, hidden_size=options.hidden_size))
+        self.device = device
+
+    def _logits(self, seqs: KTSequences) -> Tensor:
+        questions = seqs.one_based().to(self.device)  # (B, T), 0 = padding
+        responses = seqs.responses.to(self.device)  # (B, T)
+        if isinstance(self.model, DKVMN):
+            return self.model.predict_logits(questions, responses)[0]  # (B, T)
+        assert isinstance(self.model, DKT)
+        return self.model.predict_logits(questions, responses)  # (B, T)
+
+    def batch(self, batch_size: int, generator: torch.Generator, step: int) -> KTSequences:
+        return self.train.select(torch.randint(len(self.train), (batch_size,), generator=generator))
+
+    def loss(self, batch: Any) -> Tensor:
+        mask = batch.mask.to(self.device)  # (B, T)
+        logits = self._logits(batch)[mask]  # (K,) real steps
+        return F.binary_cross_entropy_with_logits(logits, batch.responses.to(self.device)[mask].float())
+
+    def evaluate(self) -> dict[str, float]:
+        scores, labels = [], []
+        for seqs in self.test.batches(_EVAL_CHUNK):
+            scores.append(torch.sigmoid(self._logits(seqs)).cpu()[seqs.mask])
+            labels.append(seqs.responses[seqs.mask])
+        out = {"auc": auc(torch.cat(scores), torch.cat(labels))}
+        if self.oracle is not None:
+            out["oracle_auc"] = self.oracle
+        return out
+
+
+def tracing_setup(model: str, task: str) -> Any:
+    """The ``setup`` of the recipe ``model task``."""
+
+    def setup(options: TracingOptions, seed: int, device: torch.device) -> Problem:
+        return TracingProblem(model, task, options, device)
+
+    return setup

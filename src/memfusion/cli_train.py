@@ -1,0 +1,154 @@
+"""``memfusion train MODEL --task TASK``: train a differentiable memory (or its baseline) with a recipe.
+
+Strings become library objects here, once: ``MODEL`` and ``--task`` pick a recipe of
+:data:`memfusion.bench.recipes.RECIPES`, ``--option KEY=VALUE`` sets the recipe's options, the other
+flags override its training defaults. Output: one JSON line per evaluation on stdout (the progress
+bar is on stderr and disappears when done), then the final metrics: a table, or with ``--json`` one
+JSON line ``{"event": "final", ...}``.
+
+Exit codes: 0 success; 1 training failed (e.g. the loss diverged); 2 bad input (an unknown model,
+task or option, a bad value, CUDA asked for but absent, a mismatched checkpoint). Errors are one
+line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from memfusion.errors import InvalidInput, MemfusionError
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+_RUN = "Run"
+_TRAIN = "Training (override the recipe's defaults)"
+
+
+def _parse_pairs(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInput(f"--option takes KEY=VALUE (e.g. -o n_way=15), got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _list_recipes() -> None:
+    from memfusion.bench.recipes import RECIPES, options_dict
+
+    table = Table(title="memfusion train MODEL --task TASK")
+    for name in ("model", "task", "steps", "batch", "lr", "what", "options (-o KEY=VALUE)"):
+        table.add_column(name)
+    for r in RECIPES.values():
+        opts = ", ".join(options_dict(r.options))
+        table.add_row(r.model, r.task, str(r.steps), str(r.batch_size), f"{r.lr:g}", r.summary, opts)
+    Console().print(table)
+
+
+def train_command(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="The model: ntm, lstm, dnc, mann, dkvmn, dkt, hopfield, fusion ('list' shows every recipe)."
+        ),
+    ],
+    task: Annotated[
+        str | None,
+        typer.Option("--task", "-t", help="The task (e.g. copy, fewshot, synthetic5).", rich_help_panel=_RUN),
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps.", rich_help_panel=_TRAIN)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation and the batches.", rich_help_panel=_RUN)] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.", rich_help_panel=_RUN)] = "cpu",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Run directory: checkpoint.pt, metrics.jsonl, final.json.", rich_help_panel=_RUN),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.", rich_help_panel=_RUN)] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the final metrics as one JSON line.", rich_help_panel=_RUN)
+    ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Dataset path (Omniglot root, ASSISTments CSV) for recipes that read one.", rich_help_panel=_RUN
+        ),
+    ] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.", rich_help_panel=_TRAIN)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.", rich_help_panel=_TRAIN)] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.", rich_help_panel=_TRAIN)] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="Learning-rate schedule: constant or cosine.", rich_help_panel=_TRAIN)
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            "-o",
+            help="A recipe option KEY=VALUE (repeatable; an unknown key lists the valid ones).",
+            rich_help_panel=_RUN,
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="torch threads (small recurrent models usually run fastest on 1).", rich_help_panel=_RUN),
+    ] = 1,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar on stderr.", rich_help_panel=_RUN)] = True,
+) -> None:
+    """Train MODEL on --task with its recipe: a JSON line of metrics per evaluation, checkpoints in --out."""
+    from memfusion.bench.recipes import find_recipe, options_dict, run_recipe
+    from memfusion.bench.train import Schedule
+
+    err = Console(stderr=True)
+    if model == "list":
+        _list_recipes()
+        return
+    try:
+        recipe = find_recipe(model, task)
+        pairs = _parse_pairs(option or [])
+        if data is not None:
+            if "data" not in options_dict(recipe.options):
+                raise InvalidInput(f"{recipe.name} reads no dataset: --data is for mann fewshot and dkvmn assistments")
+            pairs["data"] = str(data)
+        options = recipe.with_options(pairs)
+        schedules = {s.value: s for s in Schedule}
+        if schedule is not None and schedule not in schedules:
+            raise InvalidInput(f"unknown --schedule {schedule!r}; valid: {', '.join(schedules)}")
+        config = recipe.config(
+            steps=steps,
+            seed=seed,
+            device=device,
+            out=out,
+            resume=resume,
+            eval_every=eval_every,
+            batch_size=batch_size,
+            lr=lr,
+            schedule=schedules.get(schedule) if schedule is not None else None,
+            threads=threads,
+            progress=progress,
+        )
+        result = run_recipe(recipe, config, options)
+    except InvalidInput as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except MemfusionError as exc:
+        err.print(f"[red]training failed:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    final = {"event": "final", "model": recipe.model, "task": recipe.task, "seed": seed, **result.metrics}
+    if json_output:
+        typer.echo(json.dumps(final))
+        return
+    console = Console()
+    console.print(f"{recipe.name}: final metrics", highlight=False)
+    table = Table()
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.metrics.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
