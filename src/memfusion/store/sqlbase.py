@@ -143,12 +143,7 @@ class SQLBase(Store):
             self._indexed_upto, self._own = 0, set()
             self._generation = generation
         for changes in consistency.rows_after(cur, self._dialect, after_id=self._indexed_upto):
-            fresh = [c for c in changes if c.vector is not None and c.rowid not in self._own]
-            if fresh:
-                ids = np.fromiter((c.rowid for c in fresh), dtype=np.int64, count=len(fresh))
-                self.index.add(ids, np.stack([c.vector for c in fresh if c.vector is not None]))  # (n, dim)
-            if not self._dialect.vector_search:
-                self._live.apply(changes)
+            self._index_rows([c for c in changes if c.rowid not in self._own], changes)
             self._indexed_upto = max(self._indexed_upto, changes[-1].rowid)
         self._own = {i for i in self._own if i > self._indexed_upto}
 
@@ -156,14 +151,19 @@ class SQLBase(Store):
         """After committing ``changes`` here: index their vectors and move the live view."""
         if self._generation is None:  # nothing is in memory yet: the first _sync reads these rows
             return
-        fresh = [c for c in changes if c.vector is not None]
-        if fresh:
-            ids = np.fromiter((c.rowid for c in fresh), dtype=np.int64, count=len(fresh))
-            self.index.add(ids, np.stack([c.vector for c in fresh if c.vector is not None]))  # (n, dim)
-        if not self._dialect.vector_search:
-            self._live.apply(changes)
+        self._index_rows(changes, changes)
         for change in sorted(changes, key=lambda c: c.rowid):
             self._note_own_row(change.rowid)
+
+    def _index_rows(self, new: list[RowChange], changes: list[RowChange]) -> None:
+        """Add the vectors of ``new`` to the history index; apply ``changes`` to the live view
+        (which ignores repeats, so own rows may be applied again)."""
+        rows = [(c.rowid, c.vector) for c in new if c.vector is not None]
+        if rows:
+            ids = np.fromiter((r for r, _ in rows), dtype=np.int64, count=len(rows))
+            self.index.add(ids, np.stack([v for _, v in rows]))  # (n, dim)
+        if not self._dialect.vector_search:
+            self._live.apply(changes)
 
     def _note_own_row(self, rowid: int) -> None:
         """After committing row ``rowid`` here (and indexing it if it has a vector)."""
