@@ -22,11 +22,12 @@ from memfusion.bench.recipes import RECIPES, find_recipe, parse_options, run_rec
 from memfusion.bench.recipes.baselines import DKT, DKTConfig, LSTMBaseline, LSTMConfig
 from memfusion.bench.recipes.capacity import CapacityOptions, CapacityProblem
 from memfusion.bench.recipes.fewshot import FewShotOptions, FewShotProblem
+from memfusion.bench.recipes.kt_bayes import bayes_predictions
 from memfusion.bench.recipes.sequence import SequenceOptions
 from memfusion.bench.recipes.tracing import TracingOptions, TracingProblem
 from memfusion.bench.tasks.associative import HopfieldPatterns
 from memfusion.bench.tasks.fewshot import accuracy_by_instance
-from memfusion.bench.tasks.tracing import auc
+from memfusion.bench.tasks.tracing import Synthetic5, auc
 from memfusion.bench.train import (
     CHECKPOINT,
     FINAL,
@@ -442,7 +443,7 @@ def test_tracing_evaluation_is_the_auc_of_all_test_steps() -> None:
         test = problem.test
         p = torch.sigmoid(problem.model.predict_logits(test.one_based(), test.responses))  # type: ignore[operator]
     assert got["auc"] == pytest.approx(auc(p[test.mask], test.responses[test.mask]))
-    assert 0.5 < got["oracle_auc"] < 1.0
+    assert 0.5 < got["bayes_auc"] < got["oracle_auc"] < 1.0
     with pytest.raises(InvalidInput, match="--data PATH"):
         TracingProblem("dkvmn", "assistments", options, CPU)
 
@@ -523,3 +524,21 @@ def test_ntm_recipe_breaks_the_slot_symmetry_of_the_default_ntm() -> None:
     start = ours.model.initial_state(1)  # type: ignore[operator]
     assert float(start.read_weights[0, 0, 0]) > 0.99 and float(start.write_weights[0, 0, 0]) > 0.99
     assert _head_spread(ours.model, batch) > 0.1
+
+
+def test_bayes_reference_matches_the_generators_own_frequencies() -> None:
+    # the generator itself is the reference: among many simulated students with the same history,
+    # the share answering the next exercise correctly is P(r_t = 1 | r_<t)
+    gen = Synthetic5(n_train=200_000, n_test=1, n_concepts=2, n_exercises=4, seed=3)
+    data = gen.generate()
+    r = data.train.responses  # (S, 4)
+    assert len(set(data.concept.tolist())) == 2  # both concepts occur, so the rate is shared across them
+    patterns = torch.tensor([[a, b, c, 0] for a in (0, 1) for b in (0, 1) for c in (0, 1)])  # (8, 4)
+    want = bayes_predictions(patterns, data.concept, data.difficulty, gen.guess, gen.learn_rate)
+    for i, pattern in enumerate(patterns):
+        same_past = (r[:, :3] == pattern[:3]).all(dim=1)
+        for t in range(4):  # step t depends only on the first t responses
+            past = (r[:, :t] == pattern[:t]).all(dim=1)
+            freq = float(r[past, t].double().mean())
+            assert want[i, t] == pytest.approx(freq, abs=0.01), (pattern.tolist(), t)
+        assert int(same_past.sum()) > 5000  # enough students share the history for the 0.01 tolerance

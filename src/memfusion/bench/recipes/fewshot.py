@@ -37,7 +37,9 @@ class FewShotOptions:
     """n_way (5 or 15 in the paper) classes per episode, ``instances`` presentations of each; data: an
     Omniglot root (None: the glyphs); glyph_classes: size of the glyph alphabet; train_classes: how
     many classes train (the rest test). hidden_size / layers: the controller (MANN) or the LSTM
-    baseline; memory_slots, memory_width, read_heads: MANN's memory. eval_episodes: test episodes."""
+    baseline; memory_slots, memory_width, read_heads: MANN's memory; learn_key_strength: MANN's heads
+    also emit a key strength ``beta`` (the paper reads with ``softmax(cosine)``, strength 1: over 128
+    slots that read is blurred). eval_episodes: test episodes."""
 
     n_way: int = 5
     instances: int = 10
@@ -49,6 +51,7 @@ class FewShotOptions:
     memory_slots: int = 128
     memory_width: int = 40
     read_heads: int = 4
+    learn_key_strength: bool = False
     eval_episodes: int = 1000
 
     def __post_init__(self) -> None:
@@ -93,6 +96,7 @@ def _mann(o: FewShotOptions, inputs: int, outputs: int) -> nn.Module:
             memory_width=o.memory_width,
             controller_size=o.hidden_size,
             read_heads=o.read_heads,
+            learn_key_strength=o.learn_key_strength,
         )
     )
 

@@ -5,8 +5,13 @@ Data: Synthetic-5 (:class:`~memfusion.bench.tasks.tracing.Synthetic5`, ``student
 and the batches, not the data), or ASSISTments (``data=PATH``: ``skill_builder_data.csv``, students
 split ``test_fraction`` / rest with seed 0). Training draws ``batch_size`` random training rows per
 step; the loss is the binary cross-entropy of every real step's response. Evaluation: the ROC AUC
-of the predicted probabilities over every real step of the test rows (``auc``); on Synthetic-5 also
-``oracle_auc``, the AUC of the generator's true probabilities: the best any model can reach.
+of the predicted probabilities over every real step of the test rows (``auc``). On Synthetic-5 two
+references come with it, on the same test steps:
+
+- ``bayes_auc``: the AUC of the generator's own posterior predictive ``P(r_t | r_<t)`` with its exact
+  parameters (:mod:`.kt_bayes`): the best a model that reads the responses can reach;
+- ``oracle_auc``: the AUC of the generator's true probabilities, which use the students' latent
+  skills: out of reach of any model (an upper bound, not a target).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import Tensor, nn
 
 from memfusion.bench.recipes.base import need
 from memfusion.bench.recipes.baselines import DKT, DKTConfig
+from memfusion.bench.recipes.kt_bayes import bayes_predictions
 from memfusion.bench.tasks.tracing import KTSequences, Synthetic5, auc, load_assistments
 from memfusion.bench.train import Problem
 from memfusion.neural.dkvmn import DKVMN, DKVMNConfig
@@ -33,7 +39,8 @@ class TracingOptions:
     """data: an ASSISTments CSV (required by the ``assistments`` task, unused by ``synthetic5``);
     students: Synthetic-5 students per split; max_length: ASSISTments rows are cut to this many
     interactions; test_fraction: ASSISTments students held out. DKVMN: memory_size ``N``, key_size
-    ``d_k``, value_size ``d_v``, summary_size. DKT: hidden_size (LSTM units)."""
+    ``d_k``, value_size ``d_v``, summary_size. DKT: hidden_size (LSTM units). bayes_reference: compute
+    ``bayes_auc`` on Synthetic-5 (a few seconds per thousand test students)."""
 
     data: Path | None = None
     students: int = 2000
@@ -44,6 +51,7 @@ class TracingOptions:
     value_size: int = 200
     summary_size: int = 50
     hidden_size: int = 200
+    bayes_reference: bool = True
 
     def __post_init__(self) -> None:
         for name in ("students", "max_length", "memory_size", "key_size", "value_size", "summary_size", "hidden_size"):
@@ -52,13 +60,17 @@ class TracingOptions:
         need(0 < self.test_fraction < 1, f"option test_fraction must be in (0, 1), got {self.test_fraction}")
 
 
-def load_data(task: str, options: TracingOptions) -> tuple[KTSequences, KTSequences, float | None]:
-    """(train, test, oracle AUC or None) of ``task`` (``synthetic5`` or ``assistments``)."""
+def load_data(task: str, options: TracingOptions) -> tuple[KTSequences, KTSequences, dict[str, float]]:
+    """(train, test, reference AUCs) of ``task`` (``synthetic5`` or ``assistments``: no references)."""
     if task == "synthetic5":
-        data = Synthetic5(n_train=options.students, n_test=options.students, seed=0).generate()
-        n = options.students
-        oracle = auc(data.prob[n:][data.test.mask], data.test.responses[data.test.mask])
-        return data.train, data.test, oracle
+        gen = Synthetic5(n_train=options.students, n_test=options.students, seed=0)
+        data = gen.generate()
+        n, test = options.students, data.test
+        refs = {"oracle_auc": auc(data.prob[n:][test.mask], test.responses[test.mask])}
+        if options.bayes_reference:
+            best = bayes_predictions(test.responses, data.concept, data.difficulty, gen.guess, gen.learn_rate)
+            refs["bayes_auc"] = auc(best[test.mask], test.responses[test.mask])
+        return data.train, test, refs
     need(
         options.data is not None,
         "the assistments task reads ASSISTments' skill_builder_data.csv: pass --data PATH (nothing is downloaded)",
@@ -66,14 +78,14 @@ def load_data(task: str, options: TracingOptions) -> tuple[KTSequences, KTSequen
     assert options.data is not None
     seqs = load_assistments(options.data, max_length=options.max_length)
     train, test = seqs.split_by_student(options.test_fraction, seed=0)
-    return train, test, None
+    return train, test, {}
 
 
 class TracingProblem(Problem):
     """DKVMN or DKT on knowledge-tracing sequences; see the module docstring."""
 
     def __init__(self, model_name: str, task: str, options: TracingOptions, device: torch.device) -> None:
-        self.train, self.test, self.oracle = load_data(task, options)
+        self.train, self.test, self.references = load_data(task, options)
         q = self.train.n_questions
         self.model: nn.Module
         if model_name == "dkvmn":
@@ -111,10 +123,7 @@ class TracingProblem(Problem):
         for seqs in self.test.batches(_EVAL_CHUNK):
             scores.append(torch.sigmoid(self._logits(seqs)).cpu()[seqs.mask])
             labels.append(seqs.responses[seqs.mask])
-        out = {"auc": auc(torch.cat(scores), torch.cat(labels))}
-        if self.oracle is not None:
-            out["oracle_auc"] = self.oracle
-        return out
+        return {"auc": auc(torch.cat(scores), torch.cat(labels)), **self.references}
 
 
 def tracing_setup(model: str, task: str) -> Any:
