@@ -56,7 +56,8 @@ def train_command(
     model: Annotated[
         str,
         typer.Argument(
-            help="The model: ntm, lstm, dnc, mann, dkvmn, dkt, hopfield, fusion ('list' shows every recipe)."
+            help="The model: ntm, lstm, dnc, mann, dkvmn, dkt, hopfield, fusion, or reference (the bench's "
+            "language model; no --task) ('list' shows every recipe)."
         ),
     ],
     task: Annotated[
@@ -97,8 +98,11 @@ def train_command(
     ] = None,
     threads: Annotated[
         int | None,
-        typer.Option(help="torch threads (small recurrent models usually run fastest on 1).", rich_help_panel=_RUN),
-    ] = 1,
+        typer.Option(
+            help="torch threads (default 1: small recurrent models run fastest on it; 2 for reference).",
+            rich_help_panel=_RUN,
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar on stderr.", rich_help_panel=_RUN)] = True,
 ) -> None:
     """Train MODEL on --task with its recipe: a JSON line of metrics per evaluation, checkpoints in --out."""
@@ -108,6 +112,9 @@ def train_command(
     err = Console(stderr=True)
     if model == "list":
         _list_recipes()
+        return
+    if model == "reference":
+        _train_reference(steps, seed, out, threads, eval_every, progress, json_output)
         return
     try:
         recipe = find_recipe(model, task)
@@ -130,7 +137,7 @@ def train_command(
             batch_size=batch_size,
             lr=lr,
             schedule=schedules.get(schedule) if schedule is not None else None,
-            threads=threads,
+            threads=1 if threads is None else threads,
             progress=progress,
         )
         result = run_recipe(recipe, config, options)
@@ -152,3 +159,55 @@ def train_command(
     for key, value in result.metrics.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
+
+
+def _train_reference(
+    steps: int | None,
+    seed: int,
+    out: Path | None,
+    threads: int | None,
+    eval_every: int | None,
+    progress: bool,
+    json_output: bool,
+) -> None:
+    """``memfusion train reference``: the recipe of :mod:`memfusion.models.reference_train`."""
+    from dataclasses import replace
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from memfusion.models.reference_train import TrainConfig, train
+
+    err = Console(stderr=True)
+    directory = out if out is not None else Path("reference-model")
+    try:
+        cfg = TrainConfig(seed=seed)
+        overrides = {"steps": steps, "threads": threads, "eval_every": eval_every}
+        cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    except InvalidInput as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    columns = (TextColumn("reference"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[l]}"))
+    with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=err, disable=not progress) as bar:
+        handle = bar.add_task("train", total=cfg.steps, l="-")
+
+        def tick(step: int, metrics: dict[str, float]) -> None:
+            bar.update(handle, completed=step, l=f"{metrics['loss']:.3f}")
+
+        def log(row: dict[str, object]) -> None:
+            typer.echo(json.dumps({"event": "eval", **row}))
+
+        try:
+            record = train(cfg, directory, log=log, progress=tick)
+        except RuntimeError as exc:
+            err.print(f"[red]training failed:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_FAILED) from None
+    final = {"event": "final", "model": "reference", "seed": seed, "minutes": record["minutes"], "out": str(directory)}
+    final.update({k: v for k, v in record["evaluations"][-1].items() if "@" in k})
+    if json_output:
+        typer.echo(json.dumps(final))
+        return
+    Console().print(
+        f"reference model written to {directory} in {record['minutes']:.1f} min; "
+        f"use it with `memfusion bench --model {directory}`",
+        highlight=False,
+    )

@@ -50,9 +50,10 @@ NAMES = [
     "common_words",
     "frequent_words",
     "kv_lookup",
+    "facts_in_text",
 ]
 AGGREGATE = {"common_words", "frequent_words"}
-SINGLE = {"niah_single", "niah_multikey", "passkey", "kv_lookup"}
+SINGLE = {"niah_single", "niah_multikey", "passkey", "kv_lookup", "facts_in_text"}
 
 
 def char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
@@ -135,6 +136,12 @@ def read(s: Sample) -> tuple[tuple[str, ...], list[tuple[int, int]]]:
         counts = Counter(s.context.split()).most_common()
         assert counts[0][1] > counts[1][1] > counts[2][1] > counts[3][1]  # an unambiguous top 3
         return tuple(w for w, _ in counts[:3]), []
+    if s.task == "facts_in_text":
+        (block,) = list(re.finditer(r"<facts>\n.*?\n</facts>\n", s.context, flags=re.S))
+        facts = dict((m.group(1), m.group(2)) for m in FACT.finditer(block.group(0)))
+        key = re.search(r"value of (.+)\? answer", s.question)
+        assert key is not None
+        return (facts[key.group(1)],), [span(s, block)]
     assert s.task == "kv_lookup"
     assert s.context.startswith("<facts>\n") and s.context.endswith("\n</facts>")
     facts = list(FACT.finditer(s.context))
@@ -230,6 +237,17 @@ def test_kv_lookup_uses_the_fact_format(tok: PreTrainedTokenizerFast) -> None:
     assert s.context == format_facts(facts)
     key = next(k for k, v in facts if v == s.answers[0])
     assert s.question == "\n" + format_question(key)
+
+
+def test_facts_in_text_holds_one_fact_block_with_the_answer(tok: PreTrainedTokenizerFast) -> None:
+    for i, s in enumerate(TASKS["facts_in_text"].generate(tok, 400, 5, seed=3)):
+        (block,) = re.findall(r"<facts>\n.*?\n</facts>", s.context, flags=re.S)
+        facts = [(m.group(1), m.group(2)) for m in FACT.finditer(block)]
+        assert block == format_facts(facts) and len(facts) == 4
+        asked = s.question.removeprefix("\n" + "question: what is the value of ").split("?")[0]
+        assert s.question == "\n" + format_question(asked)
+        assert dict(facts)[asked] == s.answers[0] and len(s.answers[0]) == 4
+        assert s.depth == pytest.approx(i / 4, abs=0.1)
 
 
 def test_configured_tasks(tok: PreTrainedTokenizerFast) -> None:

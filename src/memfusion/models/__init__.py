@@ -1,6 +1,23 @@
 """The reference model: a small Hugging Face causal LM trained by the project on its synthetic tasks.
 
+``memfusion.models.reference.load()`` returns ``(model, tokenizer)`` from the shipped weights;
 ``memfusion.models.tokenizer`` builds its tokenizer (a fixed word-level vocabulary, digits one per
 token) and defines the fact-lookup format the engine uses to put retrieved facts in context.
-Nothing is imported here: the submodules load ``tokenizers`` / ``transformers`` only when called.
+Submodules load ``tokenizers`` / ``transformers`` only when called; ``reference`` is imported on
+first attribute access.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from memfusion.models import reference as reference
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in ("reference", "tokenizer", "reference_train"):
+        return importlib.import_module(f"memfusion.models.{name}")
+    raise AttributeError(f"module 'memfusion.models' has no attribute {name!r}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from memfusion.bench.tasks.longcontext import LongContextTask, Sample
 from memfusion.bench.tasks.ruler import (
     CommonWords,
+    FactsInText,
     FrequentWords,
     KvLookup,
     NiahMultikey,
@@ -36,6 +37,7 @@ TASKS: dict[str, LongContextTask] = {
         CommonWords,
         FrequentWords,
         KvLookup,
+        FactsInText,
     )
 }
 """The long-context tasks with their default settings, by name."""

@@ -430,3 +430,31 @@ class KvLookup(LongContextTask):
 
         unit = counter.pieces(["\n" + format_fact(key, value)])[0]
         return Draft(KV_INSTRUCTION, "\n" + format_question(key), (value,), render, float(unit))
+
+
+FACTS_IN_TEXT_INSTRUCTION = "read the following text and the facts in it. i will ask you about the value of one key.\n"
+
+
+@dataclass(frozen=True)
+class FactsInText(LongContextTask):
+    """Essay text with one block of ``n_facts`` facts in the engine's format
+    (:func:`~memfusion.models.tokenizer.format_facts`) at the requested depth, then
+    :func:`~memfusion.models.tokenizer.format_question` about one of them; answer: its value. This
+    is the prompt of :class:`memfusion.Engine` when it puts retrieved facts after a document."""
+
+    name: ClassVar[str] = "facts_in_text"
+    scorer: ClassVar[Scorer] = exact
+    n_facts: int = 4
+    value_digits: int = 4
+
+    def __post_init__(self) -> None:
+        _need(1 <= self.n_facts <= 64, f"n_facts must be in [1, 64], got {self.n_facts}")
+        _need(1 <= self.value_digits <= 18, f"value_digits must be in [1, 18], got {self.value_digits}")
+
+    def _draft(self, rng: random.Random, depth: float, counter: TokenCounter, length: int) -> Draft:
+        keys, values = _keys(rng, self.n_facts), _numbers(rng, self.n_facts, self.value_digits, distinct=False)
+        asked = rng.randrange(self.n_facts)
+        block = " " + format_facts(list(zip(keys, values, strict=True))) + "\n"
+        needles = [(block, depth, 0)]
+        question = "\n" + format_question(keys[asked])
+        return _haystack_draft(rng, "essay", counter, FACTS_IN_TEXT_INSTRUCTION, question, [values[asked]], needles)

@@ -1,0 +1,113 @@
+"""The reference model: a small Llama (GQA, RoPE) trained by the project on its synthetic tasks.
+
+``load()`` reads the weights shipped with the package (``weights/``: ``config.json``,
+``model.safetensors``, the tokenizer and ``training.json``, the record of the run that made them)
+in about a second, with no training and no network::
+
+    model, tokenizer = memfusion.models.reference.load()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids          # prompts end with "<v>"
+    out = model.generate(ids, max_new_tokens=8)                      # the value, then "</s>"
+
+``memfusion train reference`` (:mod:`memfusion.models.reference_train`) rebuilds them from a seed.
+The architecture is :class:`ReferenceArch`; :func:`build` makes an untrained model of it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from memfusion.errors import InvalidInput, NotFound
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+"""Where the shipped weights live (inside the installed package)."""
+
+
+@dataclass(frozen=True)
+class ReferenceArch:
+    """The model's shape. ``max_position``: ``max_position_embeddings``, the context limit that
+    tasks and the bench check prompts against (training shows distances up to ``train_positions``
+    of :class:`~memfusion.models.reference_train.TrainConfig`)."""
+
+    layers: int = 4
+    hidden: int = 192
+    heads: int = 6
+    kv_heads: int = 2
+    intermediate: int = 512
+    max_position: int = 16384
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if min(self.layers, self.hidden, self.heads, self.kv_heads, self.intermediate, self.max_position) < 1:
+            raise InvalidInput(f"every ReferenceArch size must be positive, got {self}")
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise InvalidInput(
+                f"hidden ({self.hidden}) must divide by heads ({self.heads}) and heads by kv_heads ({self.kv_heads})"
+            )
+
+
+def build(arch: ReferenceArch, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> LlamaForCausalLM:
+    """An untrained ``LlamaForCausalLM`` of shape ``arch`` (tied input / output embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=arch.hidden,
+        intermediate_size=arch.intermediate,
+        num_hidden_layers=arch.layers,
+        num_attention_heads=arch.heads,
+        num_key_value_heads=arch.kv_heads,
+        max_position_embeddings=arch.max_position,
+        rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta},
+        tie_word_embeddings=True,
+        pad_token_id=pad_id,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, directory: Path, record: dict[str, Any]) -> Path:
+    """Write a loadable checkpoint (``save_pretrained`` in float32 safetensors + tokenizer) and
+    ``training.json`` (``record``) to ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+    (directory / "training.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def load(path: str | Path | None = None) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """``(model, tokenizer)`` from ``path`` (default: the shipped weights), the model in eval mode on
+    CPU in float32, the tokenizer left-padding (as ``memfusion.kv.generate`` wants)."""
+    from transformers import LlamaForCausalLM
+
+    from memfusion.models.tokenizer import load_tokenizer
+
+    directory = WEIGHTS_DIR if path is None else Path(path)
+    if not (directory / "model.safetensors").is_file():
+        hint = "run `memfusion train reference` to build them" if path is None else "give a directory written by save()"
+        raise NotFound(f"no reference weights at {directory} (model.safetensors missing); {hint}")
+    model = LlamaForCausalLM.from_pretrained(str(directory), local_files_only=True)
+    tokenizer = load_tokenizer(directory)
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer
+
+
+def training_record(path: str | Path | None = None) -> dict[str, Any]:
+    """The ``training.json`` beside the weights: config, seed, steps, minutes, evaluation figures."""
+    directory = WEIGHTS_DIR if path is None else Path(path)
+    file = directory / "training.json"
+    if not file.is_file():
+        raise NotFound(f"no training record at {file}")
+    data: dict[str, Any] = json.loads(file.read_text())
+    return data
+
+
+def arch_dict(arch: ReferenceArch) -> dict[str, Any]:
+    return asdict(arch)

@@ -1,0 +1,284 @@
+"""``memfusion train reference``: train the reference model from a seed on the long-context tasks.
+
+The recipe (what made a small model retrieve on CPU; see :class:`TrainConfig`):
+
+- examples are the benchmark's own task generators (:mod:`memfusion.bench.tasks`) with training
+  seeds far from the benchmark's, the loss on the answer and its closing ``</s>`` only;
+- short sequences (``lengths``) with *randomised positions* (Ruoss et al. 2023): each batch takes
+  its position ids as a sorted random subset of ``[0, P)``, ``P`` log-uniform between the sequence
+  length and ``train_positions`` (a curriculum raises it from ``start_positions`` over the first
+  ``position_ramp`` of the steps), so the model sees the relative distances of long contexts
+  without paying for them; a fraction ``contiguous`` of the batches keep plain positions;
+- a mixture of the single-answer retrieval tasks (:data:`MIXTURE`: needles, passkeys, fact
+  lookups), each example weighing the same in the loss whatever its answer's length (a first run
+  that also had the multi-answer and word-counting tasks, whose long answers dominated the loss,
+  had not started to retrieve after 750 steps);
+- AdamW, linear warm-up then cosine decay, gradient clipping.
+
+Everything random comes from ``seed``: the same config gives the same weights on the same machine
+(thread count and library versions fixed). Evaluation (:func:`evaluate`) is greedy decoding, the
+way ``memfusion bench`` scores the model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from memfusion.errors import InvalidInput
+from memfusion.models.reference import ReferenceArch, arch_dict, build, save
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from memfusion.bench.tasks.longcontext import LongContextTask
+
+TRAINING_SEED_BASE = 1_000_000
+"""Task seeds of training batches start here, far from the benchmark's seeds (0 by default)."""
+
+
+def _mixture() -> list[tuple[float, LongContextTask]]:
+    from memfusion.bench.tasks.ruler import FactsInText, KvLookup, NiahMultikey, NiahSingle, Passkey
+
+    return [
+        (3.0, NiahSingle()),
+        (1.0, NiahSingle(haystack="noise")),
+        (1.0, NiahSingle(value_digits=5)),
+        (2.0, NiahMultikey()),
+        (1.0, NiahMultikey(haystack="noise", n_distractors=8)),
+        (1.0, Passkey()),
+        (2.0, KvLookup()),
+        (1.0, KvLookup(value_digits=4)),
+        (2.0, FactsInText()),
+        (0.5, FactsInText(n_facts=1, value_digits=6)),
+    ]
+
+
+MIXTURE: Callable[[], list[tuple[float, LongContextTask]]] = _mixture
+"""(weight, task) pairs of the training mixture (a function: task modules load only when called)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training of the reference model. ``lengths`` / ``batch_sizes``: the sequence lengths drawn per
+    batch (uniformly) and the batch size at each (about the same tokens per step)."""
+
+    arch: ReferenceArch = field(default_factory=ReferenceArch)
+    steps: int = 3000
+    lengths: tuple[int, ...] = (128, 256, 512, 768)
+    batch_sizes: tuple[int, ...] = (48, 24, 12, 8)
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup: int = 150
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    train_positions: int = 16384
+    start_positions: int = 1024
+    position_ramp: float = 0.4
+    contiguous: float = 0.15
+    eval_every: int = 250
+    eval_lengths: tuple[int, ...] = (2048, 4096)
+    eval_samples: int = 16
+    seed: int = 0
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.warmup < 0 or self.eval_every < 1 or self.eval_samples < 1:
+            raise InvalidInput("steps, eval_every and eval_samples must be >= 1 and warmup >= 0")
+        if not self.lengths or len(self.lengths) != len(self.batch_sizes) or min(self.lengths) < 64:
+            raise InvalidInput("lengths and batch_sizes must have the same non-zero count, lengths >= 64")
+        if min(self.batch_sizes) < 1 or not (0 < self.min_lr <= self.lr):
+            raise InvalidInput("batch sizes must be >= 1 and 0 < min_lr <= lr")
+        if not (max(self.lengths) <= self.start_positions <= self.train_positions <= self.arch.max_position):
+            raise InvalidInput("need max(lengths) <= start_positions <= train_positions <= arch.max_position")
+        if not (0.0 <= self.contiguous <= 1.0 and 0.0 <= self.position_ramp <= 1.0):
+            raise InvalidInput("contiguous and position_ramp are fractions in [0, 1]")
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up to ``lr`` then cosine decay to ``min_lr`` at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def positions_span(cfg: TrainConfig, step: int, length: int, rng: random.Random) -> int:
+    """``P`` of one batch: log-uniform in ``[length, cap]``, ``cap`` ramping from
+    ``start_positions`` to ``train_positions``; ``length`` itself (plain positions) with
+    probability ``contiguous``."""
+    if rng.random() < cfg.contiguous:
+        return length
+    ramp = 1.0 if cfg.position_ramp == 0 else min(1.0, step / (cfg.position_ramp * cfg.steps))
+    cap = cfg.start_positions + ramp * (cfg.train_positions - cfg.start_positions)
+    return round(math.exp(rng.uniform(math.log(length), math.log(cap))))
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: Tensor  # (B, T) long, right-padded
+    position_ids: Tensor  # (B, T) long, increasing per row
+    labels: Tensor  # (B, T) long: next-token targets aligned to positions (-100 outside answers)
+    tasks: tuple[str, ...]
+
+
+def make_batch(
+    cfg: TrainConfig,
+    tokenizer: PreTrainedTokenizerFast,
+    mixture: Sequence[tuple[float, LongContextTask]],
+    step: int,
+) -> Batch:
+    """The batch of ``step`` (deterministic in ``(cfg.seed, step)``)."""
+    import torch
+
+    from memfusion.bench.tasks.training import IGNORE, random_position_ids, training_example
+
+    rng = random.Random(f"reference/{cfg.seed}/{step}")
+    which = rng.randrange(len(cfg.lengths))
+    length, batch = cfg.lengths[which], cfg.batch_sizes[which]
+    weights = [w for w, _ in mixture]
+    rows: list[tuple[list[int], list[int]]] = []
+    names: list[str] = []
+    while len(rows) < batch:
+        task = rng.choices([t for _, t in mixture], weights)[0]
+        seed = TRAINING_SEED_BASE + rng.getrandbits(40)
+        depth = rng.random() if task.has_needle else None
+        try:
+            sample = task.generate(tokenizer, length, 1, seed=seed, depth=depth)[0]
+        except InvalidInput:  # a task that does not fit this length: draw another
+            continue
+        ex = training_example(tokenizer, sample)
+        ids = list(ex.input_ids)
+        # next-token targets: position t predicts ids[t + 1] where that token is under the loss
+        targets = [ids[t + 1] if ex.loss_mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+        rows.append((ids, targets))
+        names.append(sample.task)
+    width = max(len(ids) for ids, _ in rows)
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    input_ids = torch.full((batch, width), pad, dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE, dtype=torch.long)
+    for r, (ids, targets) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        labels[r, : len(ids)] = torch.tensor(targets)
+    span = max(width, positions_span(cfg, step, width, rng))
+    gen = torch.Generator().manual_seed(rng.getrandbits(62))
+    if span == width:
+        position_ids = torch.arange(width).expand(batch, width).clone()
+    else:
+        position_ids = random_position_ids(batch, width, span, gen)
+    return Batch(input_ids, position_ids, labels, tuple(names))
+
+
+def answer_loss(model: LlamaForCausalLM, batch: Batch) -> Tensor:
+    """Cross-entropy on the answer tokens only, averaged per example then over the batch (every
+    example weighs the same); the output layer runs on those positions alone. Right padding needs
+    no attention mask: real tokens never attend to the padding after them."""
+    import torch.nn.functional as F
+
+    hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids).last_hidden_state  # (B,T,H)
+    keep = batch.labels != -100  # (B, T)
+    per_token = F.cross_entropy(model.lm_head(hidden[keep]), batch.labels[keep], reduction="none")  # (n,)
+    counts = keep.sum(dim=1)  # (B,)
+    weights = (1.0 / counts.clamp_min(1)).unsqueeze(1).expand_as(keep)[keep]  # (n,): 1 / answer length of its row
+    return (per_token * weights).sum() / (counts > 0).sum()
+
+
+def evaluate(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    task: LongContextTask,
+    length: int,
+    n: int,
+    seed: int = 0,
+    max_new_tokens: int = 12,
+) -> float:
+    """Mean score of greedy decoding on ``n`` samples of ``task`` at ``length`` (one at a time, plain
+    positions), as the benchmark scores it."""
+    import torch
+
+    model.eval()
+    scores = []
+    with torch.inference_mode():
+        for sample in task.generate(tokenizer, length, n, seed=seed):
+            ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
+            out = cast(Any, model).generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            text = str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+            scores.append(task.score(sample, text))
+    model.train()
+    return sum(scores) / len(scores)
+
+
+def train(
+    cfg: TrainConfig,
+    out: Path,
+    log: Callable[[dict[str, Any]], None] = lambda _: None,
+    progress: Callable[[int, dict[str, float]], None] = lambda _s, _m: None,
+) -> dict[str, Any]:
+    """Train, evaluate every ``eval_every`` steps and at the end, save to ``out`` (see
+    :func:`memfusion.models.reference.save`); returns the training record."""
+    import torch
+
+    from memfusion.bench.tasks import get_task
+    from memfusion.models.tokenizer import build_tokenizer
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer(model_max_length=cfg.arch.max_position)
+    model = build(cfg.arch, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    mixture = MIXTURE()
+    niah = get_task("niah_single")
+    evals: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    smooth = float("nan")
+    for step in range(cfg.steps):
+        batch = make_batch(cfg, tokenizer, mixture, step)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        loss = answer_loss(model, batch)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"the loss is {loss.item()} at step {step}: lower lr or raise warmup")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        smooth = loss.item() if math.isnan(smooth) else 0.98 * smooth + 0.02 * loss.item()
+        progress(step + 1, {"loss": smooth})
+        last = step + 1 == cfg.steps
+        if (step + 1) % cfg.eval_every == 0 or last:
+            minutes = (time.perf_counter() - start) / 60
+            row: dict[str, Any] = {"step": step + 1, "loss": round(smooth, 4), "minutes": round(minutes, 2)}
+            for length in cfg.eval_lengths:
+                row[f"niah_single@{length}"] = evaluate(model, tokenizer, niah, length, cfg.eval_samples, seed=7)
+            evals.append(row)
+            log(row)
+    minutes = (time.perf_counter() - start) / 60
+    record = {
+        "config": {**asdict(cfg), "arch": arch_dict(cfg.arch)},
+        "minutes": round(minutes, 2),
+        "threads": cfg.threads,
+        "torch": torch.__version__,
+        "evaluations": evals,
+    }
+    save(model, tokenizer, out, record)
+    return record
