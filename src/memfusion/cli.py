@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,12 +13,14 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from memfusion.cli_route import route_app
 from memfusion.cli_store import store_app
 from memfusion.cli_train import train_command
 from memfusion.errors import MemfusionError
 
 app = typer.Typer(help="memfusion: KV-cache policies, memories and their benchmark.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+app.add_typer(route_app, name="route")
 app.command("train")(train_command)
 console = Console()
 
@@ -47,7 +51,9 @@ def bench(
         "quick"
     ),
     contexts: Annotated[str | None, typer.Option(help="Comma-separated context lengths (overrides the suite).")] = None,
-    policies: Annotated[str | None, typer.Option(help="Comma-separated policy names (default: all).")] = None,
+    policies: Annotated[
+        str | None, typer.Option(help="Comma-separated policy names (default: all); fusion: route specs.")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Directory for the report (default: reports, or reports/SUITE for tasks).")
     ] = None,
@@ -61,11 +67,18 @@ def bench(
     seed: Annotated[int | None, typer.Option(help="Task suites: seed of the samples and the random model.")] = None,
 ) -> None:
     """KV performance suites (quick, kv): KV policies against transformers' DynamicCache on one model.
-    Task suites (smoke, tasks-quick, tasks-full): accuracy / KV memory / latency per task x policy x length."""
+    Task suites (smoke, tasks-quick, tasks-full): accuracy / KV memory / latency per task x policy x length.
+    Fusion suites (fusion, fusion-quick): the engine's routes (auto vs fixed strategies, --policies takes
+    route specs such as window+store) on accuracy, KV memory and latency, with the Pareto front."""
     if ctx.invoked_subcommand is not None:
         return
     from memfusion.bench.suites import task_suite_name
 
+    if suite in FUSION_SUITES:
+        if tasks is not None or device is not None or batch is not None:
+            raise typer.BadParameter("--tasks, --device and --batch do not apply to the fusion suites")
+        _bench_fusion(suite, policies, lengths or contexts, out, model, seed)
+        return
     if task_suite_name(suite) is not None:
         _bench_tasks(
             suite, policies, lengths or contexts, out, tasks=tasks, model=model, device=device, batch=batch, seed=seed
@@ -124,6 +137,60 @@ def _bench_kv(suite: str, contexts: str | None, policies: str | None, out: Path)
     console.print(f"report: {paths['md']} ({paths['json'].name}, {paths['png'].name})")
 
 
+@contextmanager
+def _cell_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar with the current cell; yields the ``step(label, done, total)`` callback."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("loading the model", total=None)
+
+        def step(label: str, done: int, total: int) -> None:
+            bar.update(task, description=label, completed=done, total=total)
+
+        yield step
+
+
+FUSION_SUITES = ("fusion", "fusion-quick")
+
+
+def _bench_fusion(
+    suite: str, routes: str | None, lengths: str | None, out: Path | None, model: str | None, seed: int | None
+) -> None:
+    """The fusion suite (memfusion.bench.fusion): routes compared on accuracy, KV memory, latency."""
+    from memfusion.bench import fusion
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    overrides: dict[str, Any] = {"out": out or Path("reports") / suite, "model": model or "reference"}
+    if routes is not None:
+        overrides["routes"] = _csv(routes)
+    if lengths is not None:
+        overrides["lengths"] = tuple(int(n) for n in _csv(lengths) or ())
+    if seed is not None:
+        overrides["seed"] = seed
+    try:
+        cfg = fusion.FusionConfig.quick(**overrides) if suite == "fusion-quick" else fusion.FusionConfig(**overrides)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    with _cell_progress() as step:
+        try:
+            res = fusion.run(cfg, step=step)
+        except MemfusionError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+    console.print(f"{res.ran} samples run ({res.failed} failed), {res.skipped} already finished: {res.path}")
+    if res.report:
+        console.print(f"report: {res.report['md']} and {res.report['html'].name}")
+    if res.interrupted:
+        console.print("[yellow]interrupted:[/yellow] the report covers the finished samples; re-run to resume")
+        raise typer.Exit(130)
+
+
 def _bench_tasks(
     suite: str,
     policies: str | None,
@@ -158,18 +225,7 @@ def _bench_tasks(
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
-        task = bar.add_task("loading the model", total=None)
-
-        def step(label: str, done: int, total: int) -> None:
-            bar.update(task, description=label, completed=done, total=total)
-
+    with _cell_progress() as step:
         try:
             summary = runner.run(cfg, progress=step)
         except MemfusionError as exc:

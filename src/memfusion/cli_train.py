@@ -181,8 +181,12 @@ def _train_reference(
     directory = out if out is not None else Path("reference-model")
     try:
         cfg = TrainConfig(seed=seed)
-        overrides = {"steps": steps, "threads": threads, "eval_every": eval_every}
-        cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+        cfg = replace(
+            cfg,
+            steps=cfg.steps if steps is None else steps,
+            threads=cfg.threads if threads is None else threads,
+            eval_every=cfg.eval_every if eval_every is None else eval_every,
+        )
     except InvalidInput as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
