@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def tok():
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(arch=TINY, steps=10, lengths=(256,), batch_sizes=(2,), start_positions=1024, train_positions=4096)
+    base = dict(arch=TINY, steps=10, lengths=(256,), batch_sizes=(4,), start_positions=1024, train_positions=4096)
     return TrainConfig(**{**base, **kw})
 
 
@@ -58,11 +59,12 @@ def test_lr_schedule_hand_computed() -> None:
 
 
 def test_positions_span_follows_the_curriculum() -> None:
-    cfg = _cfg(steps=100, position_ramp=0.5, contiguous=0.0)
+    cfg = _cfg(steps=100, contiguous_until=0.2, position_ramp=0.5, contiguous=0.0)
     rng = random.Random(0)
-    early = [positions_span(cfg, 0, 256, rng) for _ in range(200)]
+    assert all(positions_span(cfg, step, 256, rng) == 256 for step in range(20) for _ in range(5))
+    early = [positions_span(cfg, 20, 256, rng) for _ in range(200)]
     late = [positions_span(cfg, 80, 256, rng) for _ in range(200)]
-    assert all(256 <= p <= 1024 for p in early)
+    assert all(256 <= p <= 1024 for p in early) and max(early) > 256
     assert all(256 <= p <= 4096 for p in late) and max(late) > 1024
     assert all(positions_span(_cfg(contiguous=1.0), 5, 300, rng) == 300 for _ in range(20))
 
@@ -73,16 +75,31 @@ def test_batches_are_deterministic_and_label_only_the_answer(tok) -> None:
     a, b = make_batch(cfg, tok, mixture, 3), make_batch(cfg, tok, mixture, 3)
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.position_ids, b.position_ids)
     assert not torch.equal(a.input_ids, make_batch(cfg, tok, mixture, 4).input_ids)
+    extra = 0
     for row in range(a.input_ids.shape[0]):
         pos = a.position_ids[row]
         assert bool((pos[1:] > pos[:-1]).all()) and int(pos[-1]) < cfg.train_positions
-        keep = a.labels[row] != -100
-        answer = tok.decode(a.labels[row][keep])
-        text = tok.decode(a.input_ids[row])
-        # the labels are the tokens that follow the prompt's final "<v>": the answer, then eos
-        assert answer.endswith("</s>") and text.split("<v>")[-1].startswith(answer.replace("</s>", "").rstrip())
-        first = int(keep.nonzero()[0])
-        assert tok.convert_ids_to_tokens(int(a.input_ids[row, first])) in ("<v>", " <v>")
+        keep = (a.labels[row] != -100).tolist()
+        spans = [t for t in range(len(keep)) if keep[t] and (t == 0 or not keep[t - 1])]
+        assert spans, "every row has a supervised answer"
+        context = tok.decode(a.input_ids[row, : spans[0]])
+        for n, start in enumerate(spans):
+            end = start
+            while end < len(keep) and keep[end]:
+                end += 1
+            # labels at t are the input token at t + 1: the answer follows a "<v>" and ends with eos
+            assert tok.convert_ids_to_tokens(int(a.input_ids[row, start])) in ("<v>", " <v>")
+            assert torch.equal(a.labels[row, start:end], a.input_ids[row, start + 1 : end + 1])
+            answer = tok.decode(a.labels[row, start:end])
+            assert answer.endswith("</s>")
+            if n:  # an extra question: its key's value in the context is the supervised answer
+                extra += 1
+                question = tok.decode(a.input_ids[row, spans[n - 1] : start + 1]).split("</s>", 1)[1]
+                key = re.search(r"(?:value of|number for) ([a-z]+ [a-z]+)", question)
+                assert key is not None
+                value = answer.removesuffix("</s>").strip()
+                assert re.search(re.escape(key.group(1)) + r" (?:is )?<v> " + value + r"\b", context), (key, value)
+    assert extra > 0, "the mixture's fact and needle tasks ask extra questions"
 
 
 def test_answer_loss_is_the_mean_of_per_example_losses(tok) -> None:

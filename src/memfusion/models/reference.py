@@ -35,10 +35,10 @@ class ReferenceArch:
     of :class:`~memfusion.models.reference_train.TrainConfig`)."""
 
     layers: int = 4
-    hidden: int = 192
-    heads: int = 6
+    hidden: int = 128
+    heads: int = 4
     kv_heads: int = 2
-    intermediate: int = 512
+    intermediate: int = 384
     max_position: int = 16384
     rope_theta: float = 10000.0
 

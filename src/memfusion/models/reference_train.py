@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from torch import Tensor
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from memfusion.bench.tasks.longcontext import LongContextTask
+    from memfusion.bench.tasks.longcontext import LongContextTask, Sample
 
 TRAINING_SEED_BASE = 1_000_000
 """Task seeds of training batches start here, far from the benchmark's seeds (0 by default)."""
@@ -70,9 +71,9 @@ class TrainConfig:
     batch (uniformly) and the batch size at each (about the same tokens per step)."""
 
     arch: ReferenceArch = field(default_factory=ReferenceArch)
-    steps: int = 3000
-    lengths: tuple[int, ...] = (128, 256, 512, 768)
-    batch_sizes: tuple[int, ...] = (48, 24, 12, 8)
+    steps: int = 4500
+    lengths: tuple[int, ...] = (192, 256, 512, 768)
+    batch_sizes: tuple[int, ...] = (32, 24, 12, 8)
     lr: float = 2e-3
     min_lr: float = 1e-4
     warmup: int = 150
@@ -82,6 +83,8 @@ class TrainConfig:
     start_positions: int = 1024
     position_ramp: float = 0.4
     contiguous: float = 0.15
+    contiguous_until: float = 0.2
+    extra_questions: int = 6
     eval_every: int = 250
     eval_lengths: tuple[int, ...] = (2048, 4096)
     eval_samples: int = 16
@@ -97,8 +100,11 @@ class TrainConfig:
             raise InvalidInput("batch sizes must be >= 1 and 0 < min_lr <= lr")
         if not (max(self.lengths) <= self.start_positions <= self.train_positions <= self.arch.max_position):
             raise InvalidInput("need max(lengths) <= start_positions <= train_positions <= arch.max_position")
-        if not (0.0 <= self.contiguous <= 1.0 and 0.0 <= self.position_ramp <= 1.0):
-            raise InvalidInput("contiguous and position_ramp are fractions in [0, 1]")
+        fractions = (self.contiguous, self.contiguous_until, self.position_ramp)
+        if not all(0.0 <= f <= 1.0 for f in fractions) or self.contiguous_until + self.position_ramp > 1.0:
+            raise InvalidInput(
+                "contiguous, contiguous_until and position_ramp are fractions in [0, 1] (the last two summing <= 1)"
+            )
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -110,12 +116,14 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def positions_span(cfg: TrainConfig, step: int, length: int, rng: random.Random) -> int:
-    """``P`` of one batch: log-uniform in ``[length, cap]``, ``cap`` ramping from
-    ``start_positions`` to ``train_positions``; ``length`` itself (plain positions) with
-    probability ``contiguous``."""
-    if rng.random() < cfg.contiguous:
+    """``P`` of one batch: ``length`` itself (plain positions) for the first ``contiguous_until``
+    of the steps (the retrieval circuit forms faster there) and then with probability
+    ``contiguous``; otherwise log-uniform in ``[length, cap]``, ``cap`` ramping from
+    ``start_positions`` to ``train_positions`` over the next ``position_ramp`` of the steps."""
+    if rng.random() < cfg.contiguous or step < cfg.contiguous_until * cfg.steps:
         return length
-    ramp = 1.0 if cfg.position_ramp == 0 else min(1.0, step / (cfg.position_ramp * cfg.steps))
+    start = cfg.contiguous_until * cfg.steps
+    ramp = 1.0 if cfg.position_ramp == 0 else min(1.0, (step - start) / (cfg.position_ramp * cfg.steps))
     cap = cfg.start_positions + ramp * (cfg.train_positions - cfg.start_positions)
     return round(math.exp(rng.uniform(math.log(length), math.log(cap))))
 
@@ -126,6 +134,34 @@ class Batch:
     position_ids: Tensor  # (B, T) long, increasing per row
     labels: Tensor  # (B, T) long: next-token targets aligned to positions (-100 outside answers)
     tasks: tuple[str, ...]
+
+
+_FACT_LINE = re.compile(r"(?:^|\n)([a-z]+ [a-z]+) <v> (\d+)(?=\n)")
+_NEEDLE = re.compile(r"magic numbers for ([a-z]+ [a-z]+) is <v> (\d+)\.")
+
+
+def extra_questions(sample: Sample, rng: random.Random, k: int) -> list[tuple[str, str]]:
+    """Up to ``k`` more (question, answer) pairs about other facts / needles of the sample's context,
+    in the task's own question format (none for tasks with one needle): appended after the first
+    answer they multiply the supervised retrievals of one sequence (dense supervision, as in
+    multi-query associative recall) at the cost of a few tokens each."""
+    from memfusion.bench.tasks.ruler import NIAH_QUESTION
+    from memfusion.models.tokenizer import format_question
+
+    if sample.task in ("kv_lookup", "facts_in_text"):
+        pairs = _FACT_LINE.findall(sample.context)
+        ask = lambda key: "\n" + format_question(key)  # noqa: E731
+    elif sample.task in ("niah_single", "niah_multikey"):
+        pairs = _NEEDLE.findall(sample.context)
+        ask = lambda key: NIAH_QUESTION.format(key=key)  # noqa: E731
+    else:
+        return []
+    seen = {k for k, v in pairs if v in sample.answers}
+    unique = {}
+    for key, value in pairs:  # keys asked once, and only keys with one value
+        unique[key] = None if key in unique else value
+    choices = [(key, value) for key, value in unique.items() if value is not None and key not in seen]
+    return [(ask(key), value) for key, value in rng.sample(choices, min(k, len(choices)))]
 
 
 def make_batch(
@@ -145,18 +181,27 @@ def make_batch(
     weights = [w for w, _ in mixture]
     rows: list[tuple[list[int], list[int]]] = []
     names: list[str] = []
+    misses = 0
     while len(rows) < batch:
+        if misses > 200:
+            raise InvalidInput(f"no task of the mixture can make a {length}-token example; use other lengths")
         task = rng.choices([t for _, t in mixture], weights)[0]
         seed = TRAINING_SEED_BASE + rng.getrandbits(40)
         depth = rng.random() if task.has_needle else None
         try:
             sample = task.generate(tokenizer, length, 1, seed=seed, depth=depth)[0]
         except InvalidInput:  # a task that does not fit this length: draw another
+            misses += 1
             continue
         ex = training_example(tokenizer, sample)
-        ids = list(ex.input_ids)
+        ids, mask = list(ex.input_ids), list(ex.loss_mask)
+        for question, value in extra_questions(sample, rng, cfg.extra_questions):
+            q = tokenizer(question, add_special_tokens=False)["input_ids"]
+            a = [*tokenizer(" " + value, add_special_tokens=False)["input_ids"], int(tokenizer.eos_token_id)]
+            ids += [*q, *a]
+            mask += [0] * len(q) + [1] * len(a)
         # next-token targets: position t predicts ids[t + 1] where that token is under the loss
-        targets = [ids[t + 1] if ex.loss_mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+        targets = [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
         rows.append((ids, targets))
         names.append(sample.task)
     width = max(len(ids) for ids, _ in rows)
