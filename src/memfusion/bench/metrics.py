@@ -6,8 +6,8 @@
 - :func:`retrieval_prf`: micro-averaged retrieval precision / recall / F1 (and per-query means);
 - :func:`latency`: per-request prefill and per-token decode times (ms); :func:`throughput`:
   generated tokens per second;
-- :func:`kv_memory`: exact KV bytes resident / peak from ``KVStats``; :func:`peak_rss_bytes`,
-  :func:`cuda_peak_bytes`: process peaks;
+- :func:`kv_memory`: exact KV bytes resident / peak from ``KVStats``; ``peak_rss_bytes``,
+  ``cuda_peak_bytes``: process peaks (:mod:`memfusion.monitor.probes`, re-exported here);
 - :func:`page_recall`: a sparse policy's selected pages against the oracle top-k pages by true
   attention mass;
 - :func:`retention`: accuracy by bins of needle depth or of distance to the question.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-import sys
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,6 +25,8 @@ from typing import Protocol
 import numpy as np
 
 from memfusion.errors import InvalidInput
+from memfusion.monitor.probes import cuda_peak_bytes as cuda_peak_bytes
+from memfusion.monitor.probes import peak_rss_bytes as peak_rss_bytes
 
 
 @dataclass(frozen=True)
@@ -269,25 +270,6 @@ def kv_memory(stats: Sequence[_HasKVBytes]) -> KVMemory:
         peak=summary(s.peak_bytes for s in stats),
         peak_max=max(int(s.peak_bytes) for s in stats),
     )
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far, in bytes (``getrusage``: kB on Linux, bytes on macOS)."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
-
-
-def cuda_peak_bytes(device: str) -> int | None:
-    """Peak CUDA memory allocated by torch on ``device`` since the last reset; None off CUDA."""
-    if not device.startswith("cuda"):
-        return None
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return int(torch.cuda.max_memory_allocated(device))
 
 
 def reset_cuda_peak(device: str) -> None:
