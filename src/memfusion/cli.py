@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from memfusion.cli_route import route_app
+from memfusion.cli_serve import serve_app
 from memfusion.cli_store import store_app
 from memfusion.cli_train import train_command
 from memfusion.errors import MemfusionError
@@ -21,6 +22,7 @@ from memfusion.errors import MemfusionError
 app = typer.Typer(help="memfusion: KV-cache policies, memories and their benchmark.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 app.add_typer(route_app, name="route")
+app.add_typer(serve_app, name="serve")
 app.command("train")(train_command)
 console = Console()
 
