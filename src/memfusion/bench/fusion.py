@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import random
 import re
 import time
@@ -52,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from memfusion.bench import metrics
-from memfusion.bench.runner import LoadedModel, load_model
+from memfusion.bench.runner import LoadedModel, load_model, machine, versions
 from memfusion.errors import InvalidInput, NotFound
 
 if TYPE_CHECKING:
@@ -325,36 +324,6 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    from memfusion import __version__
-
-    return {
-        "memfusion": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-    }
-
-
-def _machine(device: str) -> dict[str, Any]:
-    import torch
-
-    out: dict[str, Any] = {
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": device,
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name(device)
-    return out
-
-
 def header(cfg: FusionConfig, loaded: LoadedModel | None = None) -> dict[str, Any]:
     """The first line of fusion.jsonl (also the report's header)."""
     config = asdict(cfg)
@@ -367,8 +336,8 @@ def header(cfg: FusionConfig, loaded: LoadedModel | None = None) -> dict[str, An
         "config": config,
         "model_random": None if loaded is None else loaded.random,
         "model_info": {} if loaded is None else {**loaded.info, "max_positions": loaded.max_positions},
-        "machine": _machine(cfg.device),
-        "versions": _versions(),
+        "machine": machine(cfg.device),
+        "versions": versions(),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 

@@ -213,7 +213,7 @@ def read_results(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, 
     return header, cells
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import numpy
     import torch
     import transformers
@@ -229,7 +229,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _machine(device: str) -> dict[str, Any]:
+def machine(device: str) -> dict[str, Any]:
     import torch
 
     out: dict[str, Any] = {
@@ -249,11 +249,11 @@ SETTINGS = ("model", "seed", "device", "batch")
 
 
 def _header(cfg: RunConfig, loaded: LoadedModel) -> dict[str, Any]:
-    versions = _versions()
+    found = versions()
     return {
         "type": "header",
         "schema": SCHEMA_VERSION,
-        "memfusion": versions["memfusion"],
+        "memfusion": found["memfusion"],
         "suite": asdict(cfg.suite),
         "seed": cfg.seed,
         "model": loaded.name,
@@ -261,8 +261,8 @@ def _header(cfg: RunConfig, loaded: LoadedModel) -> dict[str, Any]:
         "model_info": {**loaded.info, "max_positions": loaded.max_positions},
         "device": cfg.device,
         "batch": cfg.batch,
-        "machine": _machine(cfg.device),
-        "versions": versions,
+        "machine": machine(cfg.device),
+        "versions": found,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
