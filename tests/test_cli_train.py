@@ -87,7 +87,7 @@ def test_table_output_without_json() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["reference", "--task", "lm"], "unknown model 'reference'"),
+        (["nosuchmodel", "--task", "lm"], "unknown model 'nosuchmodel'"),
         (["mann"], "valid tasks for mann: fewshot"),
         (["dkvmn", "--task", "copy"], "no recipe trains dkvmn on 'copy'"),
         (["ntm", "--task", "copy", "-o", "bogus=1"], "unknown option(s) bogus"),
@@ -119,7 +119,7 @@ def test_list_shows_every_recipe() -> None:
 
 
 def test_unknown_model_lists_every_model() -> None:
-    result = run("reference")
+    result = run("nosuchmodel")
     assert result.exit_code == EXIT_BAD_INPUT
     for name in ("ntm", "lstm", "dnc", "mann", "dkvmn", "dkt", "hopfield", "fusion"):
         assert name in result.output

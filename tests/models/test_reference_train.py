@@ -106,9 +106,26 @@ def test_answer_loss_is_the_mean_of_per_example_losses(tok) -> None:
     torch.manual_seed(0)
     model = build(TINY, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
     batch = make_batch(_cfg(batch_sizes=(3,)), tok, MIXTURE(), 0)
-    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits  # (B, T, V)
-    rows = [F.cross_entropy(logits[r], batch.labels[r], ignore_index=-100) for r in range(3)]
+    ones = torch.ones_like(batch.input_ids)
+    logits = model(input_ids=batch.input_ids, attention_mask=ones, position_ids=batch.position_ids).logits
+    rows = [F.cross_entropy(logits[r], batch.labels[r], ignore_index=-100) for r in range(3)]  # logits: (B, T, V)
     assert answer_loss(model, batch).item() == pytest.approx(sum(r.item() for r in rows) / 3, rel=1e-5)
+
+
+def test_answers_see_the_whole_context_under_randomised_positions(tok) -> None:
+    """The loss of every row depends on its first tokens although position ids jump (without a
+    mask or a cache, transformers reads the gaps as boundaries of packed sequences)."""
+    torch.manual_seed(0)
+    model = build(TINY, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    batch = make_batch(_cfg(batch_sizes=(3,), contiguous_until=0.0, contiguous=0.0), tok, MIXTURE(), 5)
+    assert (batch.position_ids.diff(dim=1) > 1).any(dim=1).all()  # gaps in every row
+    embed = model.get_input_embeddings()
+    seen: list[torch.Tensor] = []
+    hook = embed.register_forward_hook(lambda _m, _i, out: seen.append(out) or out.retain_grad())
+    answer_loss(model, batch).backward()
+    hook.remove()
+    grad = seen[0].grad  # (B, T, H)
+    assert grad is not None and (grad[:, 1:4].abs().sum(dim=(1, 2)) > 0).all()
 
 
 def test_train_save_load_round_trip(tmp_path: Path, tok) -> None:

@@ -28,6 +28,8 @@ from .conftest import Server
 
 MAX_EXAMPLES = int(os.environ.get("MEMFUSION_SCHEMA_EXAMPLES", "10"))
 """Per operation and mode; raise it for a deeper run (``MEMFUSION_SCHEMA_EXAMPLES=200``)."""
+DERANDOMIZE = os.environ.get("CI", "").lower() in ("1", "true")
+"""CI draws the same examples every run (a failure there reproduces); local runs explore new ones."""
 
 
 def no_internal_error(ctx: Any, response: Any, case: Case) -> bool | None:
@@ -42,7 +44,13 @@ def _run(operation: Any, mode: GenerationMode, server: Server, headers: dict[str
     """One bounded run; the failure report, or None."""
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+        derandomize=DERANDOMIZE,
+    )
     def check(case: Case) -> None:
         case.call_and_validate(
             base_url=server.base,

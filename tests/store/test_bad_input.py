@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
@@ -88,6 +88,10 @@ BAD_CALLS: dict[str, Callable[[Store], object]] = {
     "valid_from after valid_to": lambda s: s.put("ns", "k", "t", valid_from=T0, valid_to=T0.replace(year=2029)),
     "negative ttl": lambda s: s.put("ns", "k", "t", ttl=-1),
     "NaN ttl": lambda s: s.put("ns", "k", "t", ttl=math.nan),
+    "ttl past the datetime range": lambda s: s.put("ns", "k", "t", ttl=1e300),
+    "as_of overflowing UTC": lambda s: s.get(
+        "ns", "k", as_of=datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5)))
+    ),
     "negative expected_version": lambda s: s.put("ns", "k", "t", expected_version=-1),
     "expected_version a string": lambda s: s.put("ns", "k", "t", expected_version="2"),  # type: ignore[arg-type]
     "unknown conflict policy": lambda s: s.put("ns", "k", "t", on_conflict="maybe"),  # type: ignore[arg-type]

@@ -222,11 +222,20 @@ def make_batch(
 
 def answer_loss(model: LlamaForCausalLM, batch: Batch) -> Tensor:
     """Cross-entropy on the answer tokens only, averaged per example then over the batch (every
-    example weighs the same); the output layer runs on those positions alone. Right padding needs
-    no attention mask: real tokens never attend to the padding after them."""
+    example weighs the same); the output layer runs on those positions alone.
+
+    No KV cache is built (``use_cache=False``), and then the all-ones attention mask is required:
+    without a mask and a cache, ``transformers`` reads position ids that do not step by 1 as
+    *packed sequences* and lets each token see only its own run of consecutive positions, so a
+    model trained on randomised positions would never see its context. Right padding needs no
+    masking: real tokens never attend to the padding after them."""
+    import torch
     import torch.nn.functional as F
 
-    hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids).last_hidden_state  # (B,T,H)
+    ones = torch.ones_like(batch.input_ids)  # (B, T)
+    hidden = model.model(
+        input_ids=batch.input_ids, attention_mask=ones, position_ids=batch.position_ids, use_cache=False
+    ).last_hidden_state  # (B, T, H)
     keep = batch.labels != -100  # (B, T)
     per_token = F.cross_entropy(model.lm_head(hidden[keep]), batch.labels[keep], reduction="none")  # (n,)
     counts = keep.sum(dim=1)  # (B,)

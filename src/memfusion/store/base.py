@@ -153,7 +153,10 @@ def check_time(t: Any, name: str) -> datetime | None:
         return None
     if not isinstance(t, datetime) or t.tzinfo is None:
         raise InvalidInput(f"{name} must be a timezone-aware datetime (e.g. datetime.now(UTC)), got {t!r}")
-    return t.astimezone(UTC)
+    try:
+        return t.astimezone(UTC)
+    except OverflowError:
+        raise InvalidInput(f"{name} is out of the datetime range once converted to UTC: {t!r}") from None
 
 
 class Store(ABC):

@@ -31,11 +31,17 @@ def check_reason(reason: Any) -> str | None:
     return reason
 
 
+MAX_TTL = 1000 * 365.25 * 86400
+"""The longest ttl in seconds (an expiry past it would overflow dates; pass None for no expiry)."""
+
+
 def check_ttl(ttl: Any) -> float | None:
     if ttl is None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
         raise InvalidInput(f"ttl must be a positive finite number of seconds (or None for no expiry), got {ttl!r}")
+    if ttl > MAX_TTL:
+        raise InvalidInput(f"ttl must be at most {MAX_TTL:.0f} s (1000 years; None: no expiry), got {ttl!r}")
     return float(ttl)
 
 
