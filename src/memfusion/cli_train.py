@@ -182,8 +182,7 @@ def _train_reference(
     try:
         cfg = TrainConfig(seed=seed)
         cfg = replace(
-            cfg,
-            steps=cfg.steps if steps is None else steps,
+            cfg if steps is None else cfg.scaled(steps),
             threads=cfg.threads if threads is None else threads,
             eval_every=cfg.eval_every if eval_every is None else eval_every,
         )

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from memfusion.bench.tasks.training import random_position_ids
 from memfusion.errors import InvalidInput, NotFound
 from memfusion.models.reference import ReferenceArch, build, load
 from memfusion.models.reference_train import (
     MIXTURE,
+    Stage,
     TrainConfig,
     answer_loss,
     lr_at,
     make_batch,
-    positions_span,
     train,
 )
 from memfusion.models.tokenizer import build_tokenizer
@@ -33,40 +34,53 @@ def tok():
     return build_tokenizer(model_max_length=TINY.max_position)
 
 
-def _cfg(**kw) -> TrainConfig:
-    base = dict(arch=TINY, steps=10, lengths=(256,), batch_sizes=(4,), start_positions=1024, train_positions=4096)
-    return TrainConfig(**{**base, **kw})
+def _cfg(steps: int = 10, **kw) -> TrainConfig:
+    return TrainConfig(**{"arch": TINY, "stages": (Stage(256, 4, steps),), **kw})
 
 
 def test_config_validation() -> None:
-    with pytest.raises(InvalidInput, match="same non-zero count"):
-        _cfg(lengths=(256, 512), batch_sizes=(2,))
-    with pytest.raises(InvalidInput, match="max\\(lengths\\) <= start_positions"):
-        _cfg(start_positions=128)
+    with pytest.raises(InvalidInput, match="at least one stage"):
+        _cfg(stages=())
+    with pytest.raises(InvalidInput, match="length >= 64"):
+        _cfg(stages=(Stage(32, 4, 10),))
+    with pytest.raises(InvalidInput, match="longer than the model's max_position"):
+        _cfg(stages=(Stage(8192, 1, 10),))
     with pytest.raises(InvalidInput, match="min_lr"):
         _cfg(lr=1e-4, min_lr=1e-3)
     with pytest.raises(InvalidInput, match="divide"):
         ReferenceArch(hidden=100, heads=6)
 
 
-def test_lr_schedule_hand_computed() -> None:
-    cfg = _cfg(steps=110, warmup=10, lr=1e-3, min_lr=1e-4)
+def test_lr_schedule_restarts_at_every_stage_hand_computed() -> None:
+    cfg = _cfg(stages=(Stage(128, 2, 110), Stage(256, 1, 50)), warmup=10, stage_warmup=5, lr=1e-3, min_lr=1e-4)
+    assert cfg.steps == 160 and cfg.stage_at(109) == (0, 109) and cfg.stage_at(110) == (1, 0)
     assert lr_at(cfg, 0) == pytest.approx(1e-4)
     assert lr_at(cfg, 9) == pytest.approx(1e-3)
     assert lr_at(cfg, 10) == pytest.approx(1e-3)
     assert lr_at(cfg, 60) == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 0.5)))
-    assert lr_at(cfg, 110) == pytest.approx(1e-4)
+    assert lr_at(cfg, 110) == pytest.approx(2e-4)  # the second stage warms up again: 1/5 of lr
+    assert lr_at(cfg, 114) == pytest.approx(1e-3)
+    assert lr_at(cfg, 137) == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 22 / 45)))
+    with pytest.raises(InvalidInput, match="past the last stage"):
+        lr_at(cfg, 160)
 
 
-def test_positions_span_follows_the_curriculum() -> None:
-    cfg = _cfg(steps=100, contiguous_until=0.2, position_ramp=0.5, contiguous=0.0)
-    rng = random.Random(0)
-    assert all(positions_span(cfg, step, 256, rng) == 256 for step in range(20) for _ in range(5))
-    early = [positions_span(cfg, 20, 256, rng) for _ in range(200)]
-    late = [positions_span(cfg, 80, 256, rng) for _ in range(200)]
-    assert all(256 <= p <= 1024 for p in early) and max(early) > 256
-    assert all(256 <= p <= 4096 for p in late) and max(late) > 1024
-    assert all(positions_span(_cfg(contiguous=1.0), 5, 300, rng) == 300 for _ in range(20))
+def test_scaled_keeps_the_proportions_and_the_total() -> None:
+    cfg = TrainConfig()
+    small = cfg.scaled(33)
+    assert small.steps == 33 and [s.length for s in small.stages] == [s.length for s in cfg.stages]
+    assert [s.steps for s in small.stages] == [8, 5, 5, 5, 5, 5]
+    with pytest.raises(InvalidInput, match="number of stages"):
+        cfg.scaled(3)
+
+
+def test_batches_follow_the_stages(tok) -> None:
+    cfg = _cfg(stages=(Stage(128, 3, 2, warm=True), Stage(256, 2, 2)))
+    batches = [make_batch(cfg, tok, MIXTURE(), step) for step in range(4)]
+    assert [b.input_ids.shape[0] for b in batches] == [3, 3, 2, 2]
+    for b, length in zip(batches, (128, 128, 256, 256), strict=True):
+        prompts = (b.labels != -100).int().argmax(dim=1) + 1  # (B,): tokens before the first answer
+        assert all(0.95 * length <= int(n) <= 1.05 * length for n in prompts), (length, prompts)
 
 
 def test_batches_are_deterministic_and_label_only_the_answer(tok) -> None:
@@ -78,7 +92,7 @@ def test_batches_are_deterministic_and_label_only_the_answer(tok) -> None:
     extra = 0
     for row in range(a.input_ids.shape[0]):
         pos = a.position_ids[row]
-        assert bool((pos[1:] > pos[:-1]).all()) and int(pos[-1]) < cfg.train_positions
+        assert torch.equal(pos, torch.arange(len(pos)))
         keep = (a.labels[row] != -100).tolist()
         spans = [t for t in range(len(keep)) if keep[t] and (t == 0 or not keep[t - 1])]
         assert spans, "every row has a supervised answer"
@@ -105,7 +119,7 @@ def test_batches_are_deterministic_and_label_only_the_answer(tok) -> None:
 def test_answer_loss_is_the_mean_of_per_example_losses(tok) -> None:
     torch.manual_seed(0)
     model = build(TINY, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
-    batch = make_batch(_cfg(batch_sizes=(3,)), tok, MIXTURE(), 0)
+    batch = make_batch(_cfg(stages=(Stage(256, 3, 10),)), tok, MIXTURE(), 0)
     ones = torch.ones_like(batch.input_ids)
     logits = model(input_ids=batch.input_ids, attention_mask=ones, position_ids=batch.position_ids).logits
     rows = [F.cross_entropy(logits[r], batch.labels[r], ignore_index=-100) for r in range(3)]  # logits: (B, T, V)
@@ -117,7 +131,9 @@ def test_answers_see_the_whole_context_under_randomised_positions(tok) -> None:
     mask or a cache, transformers reads the gaps as boundaries of packed sequences)."""
     torch.manual_seed(0)
     model = build(TINY, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
-    batch = make_batch(_cfg(batch_sizes=(3,), contiguous_until=0.0, contiguous=0.0), tok, MIXTURE(), 5)
+    batch = make_batch(_cfg(stages=(Stage(256, 3, 10),)), tok, MIXTURE(), 5)
+    gen = torch.Generator().manual_seed(0)
+    batch = replace(batch, position_ids=random_position_ids(3, batch.input_ids.shape[1], 4096, gen))
     assert (batch.position_ids.diff(dim=1) > 1).any(dim=1).all()  # gaps in every row
     embed = model.get_input_embeddings()
     seen: list[torch.Tensor] = []
@@ -130,6 +146,7 @@ def test_answers_see_the_whole_context_under_randomised_positions(tok) -> None:
 
 def test_train_save_load_round_trip(tmp_path: Path, tok) -> None:
     cfg = _cfg(steps=3, warmup=1, eval_every=3, eval_lengths=(300,), eval_samples=1, threads=1)
+    cfg = replace(cfg, stages=(Stage(128, 2, 1, warm=True), Stage(256, 2, 2)))
     record = train(cfg, tmp_path / "w")
     assert record["evaluations"][-1]["step"] == 3 and "niah_single@300" in record["evaluations"][-1]
     model, tokenizer = load(tmp_path / "w")
@@ -139,7 +156,8 @@ def test_train_save_load_round_trip(tmp_path: Path, tok) -> None:
     twin, _ = load(tmp_path / "w2")
     for (n1, p1), (_, p2) in zip(model.state_dict().items(), twin.state_dict().items(), strict=True):
         assert torch.equal(p1, p2), n1
-    assert json.loads((tmp_path / "w" / "training.json").read_text())["config"]["steps"] == 3
+    saved = json.loads((tmp_path / "w" / "training.json").read_text())
+    assert saved["stages_done"] == 2 and [e["stage"] for e in saved["evaluations"]] == [0, 1]
     assert again["evaluations"][-1]["niah_single@300"] == record["evaluations"][-1]["niah_single@300"]
 
 

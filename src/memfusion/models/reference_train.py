@@ -3,17 +3,19 @@
 The recipe (what made a small model retrieve on CPU; see :class:`TrainConfig`):
 
 - examples are the benchmark's own task generators (:mod:`memfusion.bench.tasks`) with training
-  seeds far from the benchmark's, the loss on the answer and its closing ``</s>`` only;
-- short sequences (``lengths``) with *randomised positions* (Ruoss et al. 2023): each batch takes
-  its position ids as a sorted random subset of ``[0, P)``, ``P`` log-uniform between the sequence
-  length and ``train_positions`` (a curriculum raises it from ``start_positions`` over the first
-  ``position_ramp`` of the steps), so the model sees the relative distances of long contexts
-  without paying for them; a fraction ``contiguous`` of the batches keep plain positions;
-- a mixture of the single-answer retrieval tasks (:data:`MIXTURE`: needles, passkeys, fact
-  lookups), each example weighing the same in the loss whatever its answer's length (a first run
-  that also had the multi-answer and word-counting tasks, whose long answers dominated the loss,
-  had not started to retrieve after 750 steps);
-- AdamW, linear warm-up then cosine decay, gradient clipping.
+  seeds far from the benchmark's, the loss on the answer and its closing ``</s>`` only, each
+  example weighing the same whatever its answer's length;
+- a *length curriculum* (:class:`Stage`) with plain positions: the retrieval circuit forms on
+  128-token needle tasks first (a phase change after about 400 steps), and each later stage
+  doubles the length, up to the 4K the benchmark asks about; every stage has its own short
+  warm-up and cosine decay. What did not work on this machine: starting at 192-768 tokens with
+  the whole mixture (no retrieval after 4500 steps, 79 min), and randomised position ids (Ruoss
+  et al. 2023): the first digit of a needle was found, but the copy of the next digits, which
+  needs a previous-token head, stayed near chance when neighbouring tokens sit at random
+  distances;
+- dense supervision: after the first answer, up to ``extra_questions`` more questions about other
+  facts / needles of the same context (as in multi-query associative recall);
+- AdamW, gradient clipping.
 
 Everything random comes from ``seed``: the same config gives the same weights on the same machine
 (thread count and library versions fixed). Evaluation (:func:`evaluate`) is greedy decoding, the
@@ -27,7 +29,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -42,6 +44,16 @@ if TYPE_CHECKING:
 
 TRAINING_SEED_BASE = 1_000_000
 """Task seeds of training batches start here, far from the benchmark's seeds (0 by default)."""
+
+
+def _warm_mixture() -> list[tuple[float, LongContextTask]]:
+    from memfusion.bench.tasks.ruler import NiahSingle
+
+    return [
+        (1.0, NiahSingle(haystack="noise", value_digits=5)),
+        (1.0, NiahSingle(value_digits=5)),
+        (1.0, NiahSingle()),
+    ]
 
 
 def _mixture() -> list[tuple[float, LongContextTask]]:
@@ -61,77 +73,101 @@ def _mixture() -> list[tuple[float, LongContextTask]]:
     ]
 
 
+WARM_MIXTURE: Callable[[], list[tuple[float, LongContextTask]]] = _warm_mixture
+"""(weight, task) pairs of the first stage: needles only, where the retrieval circuit forms."""
 MIXTURE: Callable[[], list[tuple[float, LongContextTask]]] = _mixture
-"""(weight, task) pairs of the training mixture (a function: task modules load only when called)."""
+"""(weight, task) pairs of the later stages (functions: task modules load only when called)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the length curriculum: ``steps`` batches of ``batch`` sequences of ``length``
+    tokens; ``warm``: the needle-only :data:`WARM_MIXTURE` instead of :data:`MIXTURE`."""
+
+    length: int
+    batch: int
+    steps: int
+    warm: bool = False
+
+
+DEFAULT_STAGES = (
+    Stage(128, 32, 800, warm=True),
+    Stage(256, 16, 500),
+    Stage(512, 8, 500),
+    Stage(1024, 4, 500),
+    Stage(2048, 2, 500),
+    Stage(4096, 1, 500),
+)
+"""4096 tokens per step at every stage; 3300 steps."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training of the reference model. ``lengths`` / ``batch_sizes``: the sequence lengths drawn per
-    batch (uniformly) and the batch size at each (about the same tokens per step)."""
+    """Training of the reference model: the stages run in order; ``warmup`` steps of linear warm-up
+    open the first stage, ``stage_warmup`` each later one, then cosine decay to ``min_lr`` within
+    the stage. Evaluation every ``eval_every`` steps and at the end of every stage."""
 
     arch: ReferenceArch = field(default_factory=ReferenceArch)
-    steps: int = 4500
-    lengths: tuple[int, ...] = (192, 256, 512, 768)
-    batch_sizes: tuple[int, ...] = (32, 24, 12, 8)
+    stages: tuple[Stage, ...] = DEFAULT_STAGES
     lr: float = 2e-3
     min_lr: float = 1e-4
-    warmup: int = 150
+    warmup: int = 50
+    stage_warmup: int = 20
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    train_positions: int = 16384
-    start_positions: int = 1024
-    position_ramp: float = 0.4
-    contiguous: float = 0.15
-    contiguous_until: float = 0.2
     extra_questions: int = 6
-    eval_every: int = 250
+    eval_every: int = 500
     eval_lengths: tuple[int, ...] = (2048, 4096)
     eval_samples: int = 16
     seed: int = 0
     threads: int = 2
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.warmup < 0 or self.eval_every < 1 or self.eval_samples < 1:
-            raise InvalidInput("steps, eval_every and eval_samples must be >= 1 and warmup >= 0")
-        if not self.lengths or len(self.lengths) != len(self.batch_sizes) or min(self.lengths) < 64:
-            raise InvalidInput("lengths and batch_sizes must have the same non-zero count, lengths >= 64")
-        if min(self.batch_sizes) < 1 or not (0 < self.min_lr <= self.lr):
-            raise InvalidInput("batch sizes must be >= 1 and 0 < min_lr <= lr")
-        if not (max(self.lengths) <= self.start_positions <= self.train_positions <= self.arch.max_position):
-            raise InvalidInput("need max(lengths) <= start_positions <= train_positions <= arch.max_position")
-        fractions = (self.contiguous, self.contiguous_until, self.position_ramp)
-        if not all(0.0 <= f <= 1.0 for f in fractions) or self.contiguous_until + self.position_ramp > 1.0:
-            raise InvalidInput(
-                "contiguous, contiguous_until and position_ramp are fractions in [0, 1] (the last two summing <= 1)"
-            )
+        if not self.stages or any(s.steps < 1 or s.batch < 1 or s.length < 64 for s in self.stages):
+            raise InvalidInput("need at least one stage, each with steps >= 1, batch >= 1 and length >= 64")
+        if max(s.length for s in self.stages) > self.arch.max_position:
+            raise InvalidInput(f"a stage is longer than the model's max_position ({self.arch.max_position})")
+        if self.warmup < 0 or self.stage_warmup < 0 or self.eval_every < 1 or self.eval_samples < 1:
+            raise InvalidInput("eval_every and eval_samples must be >= 1, warmup and stage_warmup >= 0")
+        if not (0 < self.min_lr <= self.lr):
+            raise InvalidInput("need 0 < min_lr <= lr")
+
+    @property
+    def steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def scaled(self, steps: int) -> TrainConfig:
+        """The same curriculum with ``steps`` in all, shared in proportion (each stage >= 1)."""
+        if steps < len(self.stages):
+            raise InvalidInput(f"steps must be at least the number of stages ({len(self.stages)}), got {steps}")
+        total = self.steps
+        stages = [replace(s, steps=max(1, round(s.steps * steps / total))) for s in self.stages]
+        stages[-1] = replace(stages[-1], steps=max(1, stages[-1].steps + steps - sum(s.steps for s in stages)))
+        return replace(self, stages=tuple(stages))
+
+    def stage_at(self, step: int) -> tuple[int, int]:
+        """(index of the stage, step within it) of a global step."""
+        for i, stage in enumerate(self.stages):
+            if step < stage.steps:
+                return i, step
+            step -= stage.steps
+        raise InvalidInput(f"step {step} is past the last stage")
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up to ``lr`` then cosine decay to ``min_lr`` at the last step."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    """Linear warm-up then cosine decay to ``min_lr`` at the end of the stage ``step`` falls in."""
+    index, within = cfg.stage_at(step)
+    steps, warmup = cfg.stages[index].steps, (cfg.warmup if index == 0 else cfg.stage_warmup)
+    if within < warmup:
+        return cfg.lr * (within + 1) / warmup
+    t = (within - warmup) / max(1, steps - warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-
-def positions_span(cfg: TrainConfig, step: int, length: int, rng: random.Random) -> int:
-    """``P`` of one batch: ``length`` itself (plain positions) for the first ``contiguous_until``
-    of the steps (the retrieval circuit forms faster there) and then with probability
-    ``contiguous``; otherwise log-uniform in ``[length, cap]``, ``cap`` ramping from
-    ``start_positions`` to ``train_positions`` over the next ``position_ramp`` of the steps."""
-    if rng.random() < cfg.contiguous or step < cfg.contiguous_until * cfg.steps:
-        return length
-    start = cfg.contiguous_until * cfg.steps
-    ramp = 1.0 if cfg.position_ramp == 0 else min(1.0, (step - start) / (cfg.position_ramp * cfg.steps))
-    cap = cfg.start_positions + ramp * (cfg.train_positions - cfg.start_positions)
-    return round(math.exp(rng.uniform(math.log(length), math.log(cap))))
 
 
 @dataclass(frozen=True)
 class Batch:
     input_ids: Tensor  # (B, T) long, right-padded
-    position_ids: Tensor  # (B, T) long, increasing per row
+    position_ids: Tensor  # (B, T) long, 0..T-1 per row
     labels: Tensor  # (B, T) long: next-token targets aligned to positions (-100 outside answers)
     tasks: tuple[str, ...]
 
@@ -170,14 +206,14 @@ def make_batch(
     mixture: Sequence[tuple[float, LongContextTask]],
     step: int,
 ) -> Batch:
-    """The batch of ``step`` (deterministic in ``(cfg.seed, step)``)."""
+    """The batch of global ``step`` (deterministic in ``(cfg.seed, step)``), at its stage's length."""
     import torch
 
-    from memfusion.bench.tasks.training import IGNORE, random_position_ids, training_example
+    from memfusion.bench.tasks.training import IGNORE, training_example
 
     rng = random.Random(f"reference/{cfg.seed}/{step}")
-    which = rng.randrange(len(cfg.lengths))
-    length, batch = cfg.lengths[which], cfg.batch_sizes[which]
+    stage = cfg.stages[cfg.stage_at(step)[0]]
+    length, batch = stage.length, stage.batch
     weights = [w for w, _ in mixture]
     rows: list[tuple[list[int], list[int]]] = []
     names: list[str] = []
@@ -211,12 +247,7 @@ def make_batch(
     for r, (ids, targets) in enumerate(rows):
         input_ids[r, : len(ids)] = torch.tensor(ids)
         labels[r, : len(ids)] = torch.tensor(targets)
-    span = max(width, positions_span(cfg, step, width, rng))
-    gen = torch.Generator().manual_seed(rng.getrandbits(62))
-    if span == width:
-        position_ids = torch.arange(width).expand(batch, width).clone()
-    else:
-        position_ids = random_position_ids(batch, width, span, gen)
+    position_ids = torch.arange(width).expand(batch, width).clone()
     return Batch(input_ids, position_ids, labels, tuple(names))
 
 
@@ -281,8 +312,9 @@ def train(
     log: Callable[[dict[str, Any]], None] = lambda _: None,
     progress: Callable[[int, dict[str, float]], None] = lambda _s, _m: None,
 ) -> dict[str, Any]:
-    """Train, evaluate every ``eval_every`` steps and at the end, save to ``out`` (see
-    :func:`memfusion.models.reference.save`); returns the training record."""
+    """Train, evaluate every ``eval_every`` steps and at the end of every stage, save to ``out`` (see
+    :func:`memfusion.models.reference.save`) after every stage, so that a stopped run keeps its
+    last finished stage; returns the training record (``stages_done`` says how far it got)."""
     import torch
 
     from memfusion.bench.tasks import get_task
@@ -300,13 +332,26 @@ def train(
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
-    mixture = MIXTURE()
+    mixtures = {True: WARM_MIXTURE(), False: MIXTURE()}
     niah = get_task("niah_single")
     evals: list[dict[str, Any]] = []
     start = time.perf_counter()
     smooth = float("nan")
+    ends = {sum(s.steps for s in cfg.stages[: i + 1]): i for i in range(len(cfg.stages))}  # last step + 1 -> stage
+
+    def record(stages_done: int) -> dict[str, Any]:
+        return {
+            "config": {**asdict(cfg), "arch": arch_dict(cfg.arch)},
+            "minutes": round((time.perf_counter() - start) / 60, 2),
+            "stages_done": stages_done,
+            "threads": cfg.threads,
+            "torch": torch.__version__,
+            "evaluations": evals,
+        }
+
     for step in range(cfg.steps):
-        batch = make_batch(cfg, tokenizer, mixture, step)
+        index, _ = cfg.stage_at(step)
+        batch = make_batch(cfg, tokenizer, mixtures[cfg.stages[index].warm], step)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         loss = answer_loss(model, batch)
@@ -318,21 +363,14 @@ def train(
         opt.step()
         smooth = loss.item() if math.isnan(smooth) else 0.98 * smooth + 0.02 * loss.item()
         progress(step + 1, {"loss": smooth})
-        last = step + 1 == cfg.steps
-        if (step + 1) % cfg.eval_every == 0 or last:
+        if (step + 1) % cfg.eval_every == 0 or step + 1 in ends:
             minutes = (time.perf_counter() - start) / 60
-            row: dict[str, Any] = {"step": step + 1, "loss": round(smooth, 4), "minutes": round(minutes, 2)}
+            row: dict[str, Any] = {"step": step + 1, "stage": index, "length": cfg.stages[index].length}
+            row |= {"loss": round(smooth, 4), "minutes": round(minutes, 2)}
             for length in cfg.eval_lengths:
                 row[f"niah_single@{length}"] = evaluate(model, tokenizer, niah, length, cfg.eval_samples, seed=7)
             evals.append(row)
             log(row)
-    minutes = (time.perf_counter() - start) / 60
-    record = {
-        "config": {**asdict(cfg), "arch": arch_dict(cfg.arch)},
-        "minutes": round(minutes, 2),
-        "threads": cfg.threads,
-        "torch": torch.__version__,
-        "evaluations": evals,
-    }
-    save(model, tokenizer, out, record)
-    return record
+        if step + 1 in ends:
+            save(model, tokenizer, out, record(ends[step + 1] + 1))
+    return record(len(cfg.stages))
