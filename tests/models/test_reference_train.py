@@ -69,13 +69,13 @@ def test_scaled_keeps_the_proportions_and_the_total() -> None:
     cfg = TrainConfig()
     small = cfg.scaled(33)
     assert small.steps == 33 and [s.length for s in small.stages] == [s.length for s in cfg.stages]
-    assert [s.steps for s in small.stages] == [8, 5, 5, 5, 5, 5]
+    assert [s.steps for s in small.stages] == [10, 4, 4, 5, 5, 5]
     with pytest.raises(InvalidInput, match="number of stages"):
         cfg.scaled(3)
 
 
 def test_batches_follow_the_stages(tok) -> None:
-    cfg = _cfg(stages=(Stage(128, 3, 2, warm=True), Stage(256, 2, 2)))
+    cfg = _cfg(stages=(Stage(128, 3, 2, "warm"), Stage(256, 2, 2)))
     batches = [make_batch(cfg, tok, MIXTURE(), step) for step in range(4)]
     assert [b.input_ids.shape[0] for b in batches] == [3, 3, 2, 2]
     for b, length in zip(batches, (128, 128, 256, 256), strict=True):
@@ -146,7 +146,7 @@ def test_answers_see_the_whole_context_under_randomised_positions(tok) -> None:
 
 def test_train_save_load_round_trip(tmp_path: Path, tok) -> None:
     cfg = _cfg(steps=3, warmup=1, eval_every=3, eval_lengths=(300,), eval_samples=1, threads=1)
-    cfg = replace(cfg, stages=(Stage(128, 2, 1, warm=True), Stage(256, 2, 2)))
+    cfg = replace(cfg, stages=(Stage(128, 2, 1, "warm"), Stage(256, 2, 2)))
     record = train(cfg, tmp_path / "w")
     assert record["evaluations"][-1]["step"] == 3 and "niah_single@300" in record["evaluations"][-1]
     model, tokenizer = load(tmp_path / "w")
