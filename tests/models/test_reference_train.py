@@ -161,6 +161,17 @@ def test_train_save_load_round_trip(tmp_path: Path, tok) -> None:
     assert again["evaluations"][-1]["niah_single@300"] == record["evaluations"][-1]["niah_single@300"]
 
 
+def test_training_goes_on_from_a_checkpoint(tmp_path: Path, tok) -> None:
+    cfg = _cfg(steps=1, eval_lengths=(300,), eval_samples=1, threads=1)
+    train(cfg, tmp_path / "a")
+    start, _ = load(tmp_path / "a")
+    record = train(replace(cfg, lr=1e-6, min_lr=1e-6, seed=5), tmp_path / "b", init=tmp_path / "a")
+    after, _ = load(tmp_path / "b")
+    assert record["init"] == str(tmp_path / "a")
+    for (name, p0), (_, p1) in zip(start.state_dict().items(), after.state_dict().items(), strict=True):
+        assert torch.allclose(p0, p1, atol=1e-4), name  # one tiny step away, not a fresh init
+
+
 def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(NotFound, match=r"model\.safetensors missing"):
         load(tmp_path)

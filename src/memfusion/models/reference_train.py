@@ -328,8 +328,10 @@ def train(
     out: Path,
     log: Callable[[dict[str, Any]], None] = lambda _: None,
     progress: Callable[[int, dict[str, float]], None] = lambda _s, _m: None,
+    init: Path | None = None,
 ) -> dict[str, Any]:
-    """Train, evaluate every ``eval_every`` steps and at the end of every stage, save to ``out`` (see
+    """Train (from the weights of the checkpoint ``init`` when given, else from scratch), evaluate
+    every ``eval_every`` steps and at the end of every stage, save to ``out`` (see
     :func:`memfusion.models.reference.save`) after every stage, so that a stopped run keeps its
     last finished stage; returns the training record (``stages_done`` says how far it got)."""
     import torch
@@ -341,6 +343,10 @@ def train(
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer(model_max_length=cfg.arch.max_position)
     model = build(cfg.arch, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if init is not None:
+        from memfusion.models.reference import load
+
+        model.load_state_dict(load(init)[0].state_dict())
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -359,6 +365,7 @@ def train(
     def record(stages_done: int) -> dict[str, Any]:
         return {
             "config": {**asdict(cfg), "arch": arch_dict(cfg.arch)},
+            "init": None if init is None else str(init),
             "minutes": round((time.perf_counter() - start) / 60, 2),
             "stages_done": stages_done,
             "threads": cfg.threads,
