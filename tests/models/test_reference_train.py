@@ -161,6 +161,23 @@ def test_train_save_load_round_trip(tmp_path: Path, tok) -> None:
     assert again["evaluations"][-1]["niah_single@300"] == record["evaluations"][-1]["niah_single@300"]
 
 
+def test_a_stage_with_until_ends_once_its_loss_is_reached(tmp_path: Path, tok) -> None:
+    """A loss bound every step meets ends the stage after min_stage_steps; one no step meets
+    (a loss never below 1e-9 here) runs the stage to its cap."""
+    cfg = _cfg(steps=3, warmup=1, eval_every=100, eval_lengths=(300,), eval_samples=1, threads=1, min_stage_steps=2)
+    cfg = replace(cfg, stages=(Stage(128, 2, 6, "warm", until=1e6), Stage(128, 2, 3, "warm", until=1e-9)))
+    record = train(cfg, tmp_path / "w")
+    assert record["stage_steps"] == [2, 3] and record["steps"] == 5
+    assert [(e["stage"], e["stage_step"], e["step"]) for e in record["evaluations"]] == [(0, 2, 2), (1, 3, 5)]
+    saved = json.loads((tmp_path / "w" / "training.json").read_text())
+    assert saved["stage_steps"] == [2, 3] and saved["stages_done"] == 2
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(InvalidInput, match="until"):
+            replace(cfg, stages=(Stage(128, 2, 6, until=bad),))
+    with pytest.raises(InvalidInput, match="min_stage_steps"):
+        replace(cfg, min_stage_steps=0)
+
+
 def test_training_goes_on_from_a_checkpoint(tmp_path: Path, tok) -> None:
     cfg = _cfg(steps=1, eval_lengths=(300,), eval_samples=1, threads=1)
     train(cfg, tmp_path / "a")

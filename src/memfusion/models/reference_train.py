@@ -52,6 +52,16 @@ def _warm_mixture() -> list[tuple[float, LongContextTask]]:
     return [(1.0, NiahSingle(haystack="noise", value_digits=5))]
 
 
+def _noise_mixture() -> list[tuple[float, LongContextTask]]:
+    from memfusion.bench.tasks.ruler import NiahSingle, Passkey
+
+    return [
+        (2.0, NiahSingle(haystack="noise", value_digits=5)),
+        (2.0, NiahSingle(haystack="noise")),
+        (1.0, Passkey()),
+    ]
+
+
 def _needles_mixture() -> list[tuple[float, LongContextTask]]:
     from memfusion.bench.tasks.ruler import NiahSingle
 
@@ -82,6 +92,7 @@ def _mixture() -> list[tuple[float, LongContextTask]]:
 
 MIXTURES: dict[str, Callable[[], list[tuple[float, LongContextTask]]]] = {
     "warm": _warm_mixture,
+    "noise": _noise_mixture,
     "needles": _needles_mixture,
     "all": _mixture,
 }
@@ -97,12 +108,16 @@ MIXTURE: Callable[[], list[tuple[float, LongContextTask]]] = _mixture
 @dataclass(frozen=True)
 class Stage:
     """One step of the length curriculum: ``steps`` batches of ``batch`` sequences of ``length``
-    tokens drawn from the mixture :data:`MIXTURES` names."""
+    tokens drawn from the mixture :data:`MIXTURES` names. With ``until``, the stage ends as soon as
+    its smoothed answer loss is at most ``until`` (after ``TrainConfig.min_stage_steps`` at least), and
+    ``steps`` is a cap: the retrieval circuit forms after a number of steps that varies from run to
+    run (a phase change), and the next, longer stage should start only once it has."""
 
     length: int
     batch: int
     steps: int
     mixture: str = "all"
+    until: float | None = None
 
 
 DEFAULT_STAGES = (
@@ -132,6 +147,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     extra_questions: int = 6
     eval_every: int = 500
+    min_stage_steps: int = 100  # a stage with ``until`` runs at least this long (its smoothed loss starts afresh)
     eval_lengths: tuple[int, ...] = (2048, 4096)
     eval_samples: int = 16
     seed: int = 0
@@ -140,12 +156,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.stages or any(s.steps < 1 or s.batch < 1 or s.length < 64 for s in self.stages):
             raise InvalidInput("need at least one stage, each with steps >= 1, batch >= 1 and length >= 64")
+        if any(s.until is not None and not (math.isfinite(s.until) and s.until > 0) for s in self.stages):
+            raise InvalidInput("a stage's until (the loss that ends it) must be a finite number > 0")
         if unknown := sorted({s.mixture for s in self.stages} - set(MIXTURES)):
             raise InvalidInput(f"unknown mixture(s) {unknown}; valid: {', '.join(MIXTURES)}")
         if max(s.length for s in self.stages) > self.arch.max_position:
             raise InvalidInput(f"a stage is longer than the model's max_position ({self.arch.max_position})")
-        if self.warmup < 0 or self.stage_warmup < 0 or self.eval_every < 1 or self.eval_samples < 1:
-            raise InvalidInput("eval_every and eval_samples must be >= 1, warmup and stage_warmup >= 0")
+        if min(self.warmup, self.stage_warmup) < 0 or min(self.eval_every, self.eval_samples, self.min_stage_steps) < 1:
+            raise InvalidInput(
+                "eval_every, eval_samples and min_stage_steps must be >= 1, warmup and stage_warmup >= 0"
+            )
         if not (0 < self.min_lr <= self.lr):
             raise InvalidInput("need 0 < min_lr <= lr")
 
@@ -360,6 +380,8 @@ def train(
     evals: list[dict[str, Any]] = []
     start = time.perf_counter()
     smooth = float("nan")
+    trained = 0
+    stage_steps: list[int] = []  # steps each finished stage ran
     ends = {sum(s.steps for s in cfg.stages[: i + 1]): i for i in range(len(cfg.stages))}  # last step + 1 -> stage
 
     def record(stages_done: int) -> dict[str, Any]:
@@ -368,14 +390,19 @@ def train(
             "init": None if init is None else str(init),
             "minutes": round((time.perf_counter() - start) / 60, 2),
             "stages_done": stages_done,
+            "steps": trained,
+            "stage_steps": list(stage_steps),
             "threads": cfg.threads,
             "torch": torch.__version__,
             "evaluations": evals,
         }
 
-    for step in range(cfg.steps):
-        index, _ = cfg.stage_at(step)
-        batch = make_batch(cfg, tokenizer, mixtures[cfg.stages[index].mixture], step)
+    step = 0  # the planned step: a stage that ends early (``until``) skips to the next one's first
+    while step < cfg.steps:
+        index, within = cfg.stage_at(step)
+        stage = cfg.stages[index]
+        smooth = float("nan") if within == 0 else smooth
+        batch = make_batch(cfg, tokenizer, mixtures[stage.mixture], step)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         loss = answer_loss(model, batch)
@@ -385,16 +412,23 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        trained += 1
         smooth = loss.item() if math.isnan(smooth) else 0.98 * smooth + 0.02 * loss.item()
         progress(step + 1, {"loss": smooth})
-        if (step + 1) % cfg.eval_every == 0 or step + 1 in ends:
+        early = stage.until is not None and within + 1 >= cfg.min_stage_steps and smooth <= stage.until
+        end = step + 1 in ends or early
+        if trained % cfg.eval_every == 0 or end:
             minutes = (time.perf_counter() - start) / 60
-            row: dict[str, Any] = {"step": step + 1, "stage": index, "length": cfg.stages[index].length}
+            row: dict[str, Any] = {"step": trained, "stage": index, "stage_step": within + 1, "length": stage.length}
             row |= {"loss": round(smooth, 4), "minutes": round(minutes, 2)}
             for length in cfg.eval_lengths:
                 row[f"niah_single@{length}"] = evaluate(model, tokenizer, niah, length, cfg.eval_samples, seed=7)
             evals.append(row)
             log(row)
-        if step + 1 in ends:
-            save(model, tokenizer, out, record(ends[step + 1] + 1))
+        if end:
+            stage_steps.append(within + 1)
+            save(model, tokenizer, out, record(index + 1))
+            step = sum(s.steps for s in cfg.stages[: index + 1])
+        else:
+            step += 1
     return record(len(cfg.stages))
