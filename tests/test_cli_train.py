@@ -77,6 +77,38 @@ def test_checkpoint_and_resume_continue_the_run(tmp_path: Path) -> None:
     assert mismatch.exit_code == EXIT_BAD_INPUT and "another run" in mismatch.output
 
 
+def test_train_reference_stops_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`memfusion train reference` on a tiny recipe: a stopped run (its first stages) resumed to the
+    end gives the weights of the run done in one go; over a checkpoint it needs --resume."""
+    from functools import partial
+
+    from memfusion.models import reference_train
+    from memfusion.models.reference import ReferenceArch, load
+
+    tiny = ReferenceArch(layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64, max_position=1024)
+    stages = (reference_train.Stage(128, 2, 2, "warm"), reference_train.Stage(128, 2, 2, "noise"))
+
+    def recipe(n: int) -> None:
+        config = partial(reference_train.TrainConfig, arch=tiny, stages=stages[:n], eval_lengths=(300,), eval_samples=1)
+        monkeypatch.setattr(reference_train, "TrainConfig", config)
+
+    common = ("reference", "--threads", "1", "--json")
+    recipe(2)
+    whole = lines(run(*common, "--out", str(tmp_path / "one")))
+    assert whole[-1]["event"] == "final" and [e["stage"] for e in whole[:-1]] == [0, 1]
+    recipe(1)
+    lines(run(*common, "--out", str(tmp_path / "two")))
+    recipe(2)
+    again = run(*common, "--out", str(tmp_path / "two"))
+    assert again.exit_code == EXIT_BAD_INPUT and "--resume" in again.output
+    resumed = lines(run(*common, "--out", str(tmp_path / "two"), "--resume"))
+    assert [e["stage"] for e in resumed[:-1]] == [1]
+    one, two = load(tmp_path / "one")[0].state_dict(), load(tmp_path / "two")[0].state_dict()
+    assert all(torch.equal(one[name], two[name]) for name in one)
+    other = run(*common, "--out", str(tmp_path / "two"), "--resume", "--seed", "3")
+    assert other.exit_code == EXIT_BAD_INPUT and "seed differ" in other.output
+
+
 def test_table_output_without_json() -> None:
     result = run("dkt", "-t", "synthetic5", "-o", "students=30", "-o", "hidden_size=8", "--steps", "2")
     assert result.exit_code == 0, result.output

@@ -71,7 +71,10 @@ def train_command(
         Path | None,
         typer.Option(help="Run directory: checkpoint.pt, metrics.jsonl, final.json.", rich_help_panel=_RUN),
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.", rich_help_panel=_RUN)] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue from OUT (reference: from its last finished stage).", rich_help_panel=_RUN),
+    ] = False,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the final metrics as one JSON line.", rich_help_panel=_RUN)
     ] = False,
@@ -114,7 +117,7 @@ def train_command(
         _list_recipes()
         return
     if model == "reference":
-        _train_reference(steps, seed, out, threads, eval_every, progress, json_output)
+        _train_reference(steps, seed, out, threads, eval_every, progress, json_output, resume)
         return
     try:
         recipe = find_recipe(model, task)
@@ -169,6 +172,7 @@ def _train_reference(
     eval_every: int | None,
     progress: bool,
     json_output: bool,
+    resume: bool = False,
 ) -> None:
     """``memfusion train reference``: the recipe of :mod:`memfusion.models.reference_train`."""
     from dataclasses import replace
@@ -200,7 +204,10 @@ def _train_reference(
             typer.echo(json.dumps({"event": "eval", **row}))
 
         try:
-            record = train(cfg, directory, log=log, progress=tick)
+            record = train(cfg, directory, log=log, progress=tick, resume=resume)
+        except InvalidInput as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         except RuntimeError as exc:
             err.print(f"[red]training failed:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_FAILED) from None

@@ -178,6 +178,27 @@ def test_a_stage_with_until_ends_once_its_loss_is_reached(tmp_path: Path, tok) -
         replace(cfg, min_stage_steps=0)
 
 
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path: Path, tok) -> None:
+    cfg = _cfg(steps=3, warmup=1, eval_every=100, eval_lengths=(300,), eval_samples=1, threads=1)
+    whole = replace(cfg, stages=(Stage(128, 2, 2, "warm"), Stage(128, 2, 2, "noise"), Stage(256, 1, 2)))
+    train(whole, tmp_path / "one")
+    train(replace(whole, stages=whole.stages[:2]), tmp_path / "two")  # stopped after its second stage
+    record = train(whole, tmp_path / "two", resume=True)
+    assert record["stages_done"] == 3 and record["steps"] == 6 and record["stage_steps"] == [2, 2, 2]
+    assert [e["stage"] for e in record["evaluations"]] == [0, 1, 2]
+    one, _ = load(tmp_path / "one")
+    two, _ = load(tmp_path / "two")
+    for (name, p1), (_, p2) in zip(one.state_dict().items(), two.state_dict().items(), strict=True):
+        assert torch.equal(p1, p2), name
+    with pytest.raises(InvalidInput, match="lr differ"):
+        train(replace(whole, lr=1e-3), tmp_path / "two", resume=True)
+    with pytest.raises(InvalidInput, match="the stages differ"):
+        train(replace(whole, stages=(Stage(128, 2, 3, "warm"), *whole.stages[1:])), tmp_path / "two", resume=True)
+    (tmp_path / "two" / "optimizer.pt").unlink()
+    with pytest.raises(InvalidInput, match="no resumable checkpoint"):
+        train(whole, tmp_path / "two", resume=True)
+
+
 def test_training_goes_on_from_a_checkpoint(tmp_path: Path, tok) -> None:
     cfg = _cfg(steps=1, eval_lengths=(300,), eval_samples=1, threads=1)
     train(cfg, tmp_path / "a")

@@ -24,6 +24,7 @@ way ``memfusion bench`` scores the model.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -343,17 +344,50 @@ def evaluate(
     return sum(scores) / len(scores)
 
 
+OPTIMIZER_FILE = "optimizer.pt"
+"""The optimizer state beside a training checkpoint (for ``train(resume=True)``; not shipped)."""
+
+
+def _resumable(cfg: TrainConfig, out: Path, init: Path | None) -> dict[str, Any]:
+    """The record of the checkpoint in ``out`` if ``cfg`` goes on from it, else :class:`InvalidInput`."""
+    saved = json.loads((out / "training.json").read_text())
+    n = int(saved.get("stages_done", 0))
+    mine = json.loads(json.dumps({**asdict(cfg), "arch": arch_dict(cfg.arch)}))
+    theirs = saved.get("config", {})
+    fixed = sorted(k for k in mine if k not in ("stages", "eval_every", "threads") and theirs.get(k) != mine[k])
+    if "steps" not in saved or not (out / OPTIMIZER_FILE).is_file():
+        raise InvalidInput(f"{out} holds no resumable checkpoint (no optimizer state); train into a new directory")
+    if fixed or theirs.get("stages", [])[:n] != mine["stages"][:n] or n > len(cfg.stages):
+        what = ", ".join(fixed) or "the stages"
+        raise InvalidInput(
+            f"the checkpoint in {out} was trained with another recipe ({what} differ); train into a new directory"
+        )
+    if saved.get("init") != (None if init is None else str(init)):
+        raise InvalidInput(f"the checkpoint in {out} started from init={saved.get('init')}; pass the same init")
+    return saved
+
+
+def _load_weights(directory: Path) -> dict[str, Any]:
+    from memfusion.models.reference import load
+
+    return load(directory)[0].state_dict()
+
+
 def train(
     cfg: TrainConfig,
     out: Path,
     log: Callable[[dict[str, Any]], None] = lambda _: None,
     progress: Callable[[int, dict[str, float]], None] = lambda _s, _m: None,
     init: Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train (from the weights of the checkpoint ``init`` when given, else from scratch), evaluate
     every ``eval_every`` steps and at the end of every stage, save to ``out`` (see
-    :func:`memfusion.models.reference.save`) after every stage, so that a stopped run keeps its
-    last finished stage; returns the training record (``stages_done`` says how far it got)."""
+    :func:`memfusion.models.reference.save`, plus the optimizer state) after every stage, so that a
+    stopped run keeps its last finished stage; returns the training record (``stages_done`` says how
+    far it got). ``resume``: go on from the last stage finished in ``out`` (weights, optimizer state,
+    record), which gives the weights of an uninterrupted run; ``cfg`` must start with the stages
+    that checkpoint finished, under the same settings (it may add stages after them)."""
     import torch
 
     from memfusion.bench.tasks import get_task
@@ -364,9 +398,7 @@ def train(
     tokenizer = build_tokenizer(model_max_length=cfg.arch.max_position)
     model = build(cfg.arch, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     if init is not None:
-        from memfusion.models.reference import load
-
-        model.load_state_dict(load(init)[0].state_dict())
+        model.load_state_dict(_load_weights(init))
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -380,15 +412,23 @@ def train(
     evals: list[dict[str, Any]] = []
     start = time.perf_counter()
     smooth = float("nan")
-    trained = 0
+    trained, done, earlier = 0, 0, 0.0  # steps trained, stages finished, minutes of earlier runs
     stage_steps: list[int] = []  # steps each finished stage ran
+    if not resume and (out / "training.json").is_file():
+        raise InvalidInput(f"{out} holds a checkpoint already: resume it (--resume) or train into a new directory")
+    if resume and (out / "training.json").is_file():
+        saved = _resumable(cfg, out, init)
+        done, trained, earlier = saved["stages_done"], saved["steps"], saved["minutes"]
+        stage_steps, evals = list(saved["stage_steps"]), list(saved["evaluations"])
+        model.load_state_dict(_load_weights(out))
+        opt.load_state_dict(torch.load(out / OPTIMIZER_FILE, weights_only=True))
     ends = {sum(s.steps for s in cfg.stages[: i + 1]): i for i in range(len(cfg.stages))}  # last step + 1 -> stage
 
     def record(stages_done: int) -> dict[str, Any]:
         return {
             "config": {**asdict(cfg), "arch": arch_dict(cfg.arch)},
             "init": None if init is None else str(init),
-            "minutes": round((time.perf_counter() - start) / 60, 2),
+            "minutes": round(earlier + (time.perf_counter() - start) / 60, 2),
             "stages_done": stages_done,
             "steps": trained,
             "stage_steps": list(stage_steps),
@@ -397,7 +437,7 @@ def train(
             "evaluations": evals,
         }
 
-    step = 0  # the planned step: a stage that ends early (``until``) skips to the next one's first
+    step = sum(s.steps for s in cfg.stages[:done])  # the planned step: a stage that ends early skips the rest
     while step < cfg.steps:
         index, within = cfg.stage_at(step)
         stage = cfg.stages[index]
@@ -418,7 +458,7 @@ def train(
         early = stage.until is not None and within + 1 >= cfg.min_stage_steps and smooth <= stage.until
         end = step + 1 in ends or early
         if trained % cfg.eval_every == 0 or end:
-            minutes = (time.perf_counter() - start) / 60
+            minutes = earlier + (time.perf_counter() - start) / 60
             row: dict[str, Any] = {"step": trained, "stage": index, "stage_step": within + 1, "length": stage.length}
             row |= {"loss": round(smooth, 4), "minutes": round(minutes, 2)}
             for length in cfg.eval_lengths:
@@ -428,6 +468,7 @@ def train(
         if end:
             stage_steps.append(within + 1)
             save(model, tokenizer, out, record(index + 1))
+            torch.save(opt.state_dict(), out / OPTIMIZER_FILE)
             step = sum(s.steps for s in cfg.stages[: index + 1])
         else:
             step += 1
