@@ -354,7 +354,8 @@ def _resumable(cfg: TrainConfig, out: Path, init: Path | None) -> dict[str, Any]
     n = int(saved.get("stages_done", 0))
     mine = json.loads(json.dumps({**asdict(cfg), "arch": arch_dict(cfg.arch)}))
     theirs = saved.get("config", {})
-    fixed = sorted(k for k in mine if k not in ("stages", "eval_every", "threads") and theirs.get(k) != mine[k])
+    free = ("stages", "threads", "eval_every", "eval_lengths", "eval_samples")  # these leave the weights alone
+    fixed = sorted(k for k in mine if k not in free and theirs.get(k) != mine[k])
     if "steps" not in saved or not (out / OPTIMIZER_FILE).is_file():
         raise InvalidInput(f"{out} holds no resumable checkpoint (no optimizer state); train into a new directory")
     if fixed or theirs.get("stages", [])[:n] != mine["stages"][:n] or n > len(cfg.stages):
