@@ -81,8 +81,8 @@ class Feeder:
         return torch.cat(self.k, dim=2), torch.cat(self.v, dim=2), torch.cat(self.ok, dim=1)
 
 
-def _padded_feeder(cfg: Quest, pad: int = 11, seed: int = 0) -> Feeder:
-    """Batch 2 (row 1 left-padded by ``pad`` slots), prefilled in uneven chunks, then 3 decode steps."""
+def _padded_feeder(cfg: Quest, pad: int = 11, seed: int = 0, decode: int = 3) -> Feeder:
+    """Batch 2 (row 1 left-padded by ``pad`` slots), prefilled in uneven chunks, then ``decode`` steps."""
     f = Feeder(cfg, _spec(), batch=2, seed=seed)
     total = 0
     for m in (7, 16, 5, 13):
@@ -90,7 +90,7 @@ def _padded_feeder(cfg: Quest, pad: int = 11, seed: int = 0) -> Feeder:
         valid[1] = torch.arange(total, total + m) >= pad
         f.feed(m, valid)
         total += m
-    for _ in range(3):
+    for _ in range(decode):
         f.feed(1)
     return f
 
@@ -118,9 +118,10 @@ def test_page_bounds_ignore_padding_and_match_brute_force() -> None:
     assert bool((got[1, :, :2] == -math.inf).all())  # row 1's first 8 slots are padding
 
 
-def test_decode_attends_exactly_to_the_current_page_and_the_top_bound_pages() -> None:
+@pytest.mark.parametrize(("pad", "decode"), [(11, 3), (0, 3), (0, 6)])  # padded; no padding, partial / full page
+def test_decode_attends_exactly_to_the_current_page_and_the_top_bound_pages(pad: int, decode: int) -> None:
     cfg = Quest(token_budget=12, page_size=4, dense_layers=0)
-    f = _padded_feeder(cfg, seed=1)
+    f = _padded_feeder(cfg, pad=pad, seed=1, decode=decode)
     q = torch.randn(2, f.spec.num_heads, 1, f.spec.head_dim, generator=torch.Generator().manual_seed(7))
     out = f.feed(1, q=q)  # (B, 1, Hq, D)
     keys, vals, ok = f.all()

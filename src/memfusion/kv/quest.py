@@ -130,12 +130,15 @@ class QuestLayer(KVLayer):
         s, d = self.spec, self.spec.head_dim
         S, h = self.cfg.page_size, s.num_kv_heads
         self.batch, self.slots, self.cap = batch, 0, 0
+        self.padded = False  # some written slot holds padding (else masks and empty-page checks are skipped)
         self.k = torch.zeros(batch, h, 0, S, d, dtype=s.dtype, device=s.device)
         self.v = torch.zeros_like(self.k)
         self.valid = torch.zeros(batch, 0, S, dtype=torch.bool, device=s.device)
         self.kmin = torch.zeros(batch, h, 0, d, dtype=s.dtype, device=s.device)
         self.kmax = torch.zeros_like(self.kmin)
         self.nonempty = torch.zeros(batch, 0, dtype=torch.bool, device=s.device)
+        #: ``(2, rows, S*D)``: the K and V pages gathered at a selecting decode step (kept between steps).
+        self._gathered = torch.empty(2, 0, S * d, dtype=s.dtype, device=s.device)
 
     @property
     def num_pages(self) -> int:
@@ -171,6 +174,7 @@ class QuestLayer(KVLayer):
         if -(-end // S) > self.cap:
             self._grow(-(-end // S))
         self.slots = end
+        self.padded = self.padded or not bool(valid.all())
         self._flat(self.k)[:, :, start:end] = k
         self._flat(self.v)[:, :, start:end] = v
         self.valid.view(b, self.cap * S)[:, start:end] = valid
@@ -229,7 +233,7 @@ class QuestLayer(KVLayer):
         q_neg = qg.clamp_max(0).sum(dim=2, keepdim=True)  # (B, Hkv, 1, D)
         bound = torch.matmul(q_pos, self.kmax[:, :, :pages].transpose(-1, -2))  # (B, Hkv, 1, pages)
         bound = (bound + torch.matmul(q_neg, self.kmin[:, :, :pages].transpose(-1, -2))).squeeze(2)  # (B, Hkv, pages)
-        return torch.where(self.nonempty[:, None, :pages], bound, -INF)
+        return torch.where(self.nonempty[:, None, :pages], bound, -INF) if self.padded else bound
 
     def _select_and_attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         b, h, S, d = self.batch, self.spec.num_kv_heads, self.cfg.page_size, self.spec.head_dim
@@ -244,17 +248,26 @@ class QuestLayer(KVLayer):
             sel = current
         rows = sel + (torch.arange(b * h, device=q.device) * cap).view(b, h, 1)  # rows of a (B*Hkv*C) view
         rows = rows.view(-1)  # (B*Hkv*k,)
-        ks = self.k.view(b * h * cap, S * d).index_select(0, rows).view(b, h, budget * S, d)  # (B, Hkv, k*S, D)
-        vs = self.v.view(b * h * cap, S * d).index_select(0, rows).view(b, h, budget * S, d)
-        vrows = sel + (torch.arange(b, device=q.device) * cap).view(b, 1, 1)  # rows of a (B*C) view
-        mask = self.valid.view(b * cap, S).index_select(0, vrows.view(-1)).view(b, h, budget * S)  # (B, Hkv, k*S)
-        mask[:, :, budget * S - S + (self.slots - 1) % S] = True  # the query's own slot, even if padding
+        if self._gathered.shape[1] != rows.numel():  # reused between steps: no fresh pages to fault in
+            self._gathered = torch.empty(2, rows.numel(), S * d, dtype=self.k.dtype, device=self.k.device)
+        ks = torch.index_select(self.k.view(b * h * cap, S * d), 0, rows, out=self._gathered[0])
+        vs = torch.index_select(self.v.view(b * h * cap, S * d), 0, rows, out=self._gathered[1])
+        ks, vs = ks.view(b, h, budget * S, d), vs.view(b, h, budget * S, d)  # (B, Hkv, k*S, D)
+        mask = None  # every selected slot is a real token, except unwritten slots of the current page
+        if self.padded:
+            vrows = sel + (torch.arange(b, device=q.device) * cap).view(b, 1, 1)  # rows of a (B*C) view
+            mask = self.valid.view(b * cap, S).index_select(0, vrows.view(-1)).view(b, h, budget * S)  # (B, Hkv, k*S)
+            mask[:, :, budget * S - S + (self.slots - 1) % S] = True  # the query's own slot, even if padding
+            mask = None if bool(mask.all()) else mask
+        elif self.slots % S:  # the current page is partial: its unwritten tail slots are masked
+            mask = torch.ones(b, h, budget * S, dtype=torch.bool, device=q.device)
+            mask[:, :, budget * S - S + self.slots % S :] = False
         self.pages_selected += b * h * budget
         self.pages_total += b * h * pages
         self.last_selection = sel
         if self.cfg.oracle_recall:
             self._oracle(q, sel, scaling)
-        return grouped_attention(q, ks, vs, scaling, None if bool(mask.all()) else mask)
+        return grouped_attention(q, ks, vs, scaling, mask, cached=True)
 
     def _oracle(self, q: torch.Tensor, sel: torch.Tensor, scaling: float) -> None:
         """Count how many of the oracle's top pages (by true attention mass) ``sel`` contains."""
