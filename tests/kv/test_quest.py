@@ -257,3 +257,15 @@ def test_a_padding_query_among_padding_pages_attends_to_itself() -> None:
     for hq in range(spec.num_heads):
         torch.testing.assert_close(out[1, 0, hq], vals[1, hq // spec.groups, -1])
 
+
+
+def test_decode_attention_is_timed_per_step_and_layer(llama: torch.nn.Module) -> None:
+    """The benchmark's medians read ``decode_attend_steps``: one entry per decode step and layer,
+    summing to the cumulative ``decode_attend_seconds``; prefill chunks are not counted."""
+    ids, mask = prompts(1, 40)
+    res = kv.generate(llama, ids, "quest", attention_mask=mask, max_new_tokens=6, prefill_chunk=16,
+                      token_budget=16, page_size=4)
+    steps = res.cache.decode_attend_steps
+    assert [len(s) for s in steps] == [5] * len(steps) and all(t > 0 for s in steps for t in s)
+    for layer, total in zip(steps, res.cache.decode_attend_seconds, strict=True):
+        assert sum(layer) == pytest.approx(total)

@@ -98,8 +98,9 @@ class PolicyRow:
     prefill_s: float
     decode_ms: Spread
     decode_ratio: float  # our median / HF median, same run
-    attend_ms: float  # mean per decode step, summed over layers (cumulative timer / steps)
-    attend_ms_layer: float | None  # mean per decode step per layer, over the layers a policy compresses
+    attend_ms: float  # median over decode steps of the time summed over layers
+    attend_ms_layer: float | None  # median over decode steps of the mean over the layers a policy compresses
+    attend_ms_mean: float  # mean over decode steps of the time summed over layers
     kv_read_gbps: float | None  # dense/paged: K/V bytes read per step / attention time
     bytes_resident: int
     peak_bytes: int
@@ -194,9 +195,14 @@ def run_policy(model: Any, ids: torch.Tensor, cfg: KVBenchConfig, policy: str, h
     res = kv.generate(model, ids, policy, max_new_tokens=cfg.new_tokens, prefill_chunk=chunk, **params)
     steps = len(res.decode_seconds)
     cache = res.cache
-    attend_total = sum(cache.decode_attend_seconds) / steps if steps else float("nan")
+    # Per decode step: the sum over layers, and the mean over the layers the policy compresses;
+    # medians over the steps, as for decode times (a one-off step, e.g. the storage doubling on the
+    # first token past a power of two, moves the mean, reported beside them, not the median).
+    per_step = list(zip(*cache.decode_attend_steps, strict=True))  # steps x layers
     layers = _compressed_layers(policy, params, cache.spec.num_layers)
-    attend_sel = sum(cache.decode_attend_seconds[i] for i in layers) / steps / len(layers) if steps else None
+    attend_total = statistics.median(sum(t) for t in per_step) if per_step else float("nan")
+    attend_sel = statistics.median(sum(t[i] for i in layers) / len(layers) for t in per_step) if per_step else None
+    attend_mean = sum(cache.decode_attend_seconds) / steps if steps else float("nan")
     decode = Spread.of(res.decode_seconds)
     kv_read = None
     if policy in ("dense", "paged") and steps:
@@ -214,6 +220,7 @@ def run_policy(model: Any, ids: torch.Tensor, cfg: KVBenchConfig, policy: str, h
         decode_ms=decode,
         decode_ratio=decode.median / hf.median,
         attend_ms=attend_total * 1e3,
+        attend_ms_mean=attend_mean * 1e3,
         attend_ms_layer=None if attend_sel is None else attend_sel * 1e3,
         kv_read_gbps=kv_read,
         bytes_resident=s.bytes_resident,

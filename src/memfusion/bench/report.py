@@ -82,7 +82,8 @@ def markdown(report: KVBenchReport) -> str:
         f"{c.kv_heads} KV heads, fp32, batch 1; {c.new_tokens} new tokens per run; seed {c.seed}.",
         "Decode times are medians [p25-p75] over decode steps in ms/token; ratios against transformers' "
         "DynamicCache loop measured in the same run. Attention = the policy's store+select+attend time per decode "
-        "step (all layers; per layer over the layers the policy compresses).",
+        "step, median over steps (all layers; per layer over the layers the policy compresses); the JSON keeps "
+        "the mean as attend_ms_mean.",
         "",
         "## Targets",
         "",

@@ -57,6 +57,8 @@ class MemfusionCache(Cache):
         #: wall seconds of each layer's policy attention (store + select + attend) over decode
         #: steps (one new token per sequence); read by benchmarks as "the attention part".
         self.decode_attend_seconds = [0.0] * spec.num_layers
+        #: the same per decode step: ``decode_attend_steps[layer][step]`` (for medians and spreads).
+        self.decode_attend_steps: list[list[float]] = [[] for _ in range(spec.num_layers)]
 
     @property
     def kv_layers(self) -> list[KVLayer]:
@@ -106,7 +108,9 @@ class MemfusionCache(Cache):
         t0 = time.perf_counter()
         out = layer.attend(q, k, v, valid, scaling)
         if tq == 1:
-            self.decode_attend_seconds[layer_idx] += time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            self.decode_attend_seconds[layer_idx] += spent
+            self.decode_attend_steps[layer_idx].append(spent)
         layer.seen += tq
         if layer_idx == 0:
             self.tokens_seen += int(valid.sum())
@@ -138,6 +142,7 @@ class MemfusionCache(Cache):
         self.peak_bytes = 0
         self._layer_bytes = [0] * self.spec.num_layers
         self.decode_attend_seconds = [0.0] * self.spec.num_layers
+        self.decode_attend_steps = [[] for _ in range(self.spec.num_layers)]
 
 
 def _attention(
