@@ -95,9 +95,10 @@ def _padded_feeder(cfg: Quest, pad: int = 11, seed: int = 0, decode: int = 3) ->
     return f
 
 
-def test_page_bounds_ignore_padding_and_match_brute_force() -> None:
+@pytest.mark.parametrize(("pad", "decode"), [(11, 3), (0, 3), (0, 6)])  # decode 6 opens a page on a decode step
+def test_page_bounds_ignore_padding_and_match_brute_force(pad: int, decode: int) -> None:
     cfg = Quest(token_budget=8, page_size=4, dense_layers=0)
-    f = _padded_feeder(cfg)
+    f = _padded_feeder(cfg, pad=pad, decode=decode)
     keys, _, ok = f.all()  # (B, Hkv, n, D), (B, n)
     n, S, G = keys.shape[2], cfg.page_size, f.spec.groups
     pages = math.ceil(n / S)
@@ -115,7 +116,7 @@ def test_page_bounds_ignore_padding_and_match_brute_force() -> None:
                 torch.testing.assert_close(f.layer.kmax[b, h, p], page.max(dim=0).values)
                 want = sum(_bound(q[b, h * G + g, 0], page) for g in range(G))
                 torch.testing.assert_close(got[b, h, p], want, rtol=1e-5, atol=1e-5)
-    assert bool((got[1, :, :2] == -math.inf).all())  # row 1's first 8 slots are padding
+    assert bool((got[1, :, :2] == -math.inf).all()) == (pad > 0)  # row 1's first 8 slots are padding
 
 
 @pytest.mark.parametrize(("pad", "decode"), [(11, 3), (0, 3), (0, 6)])  # padded; no padding, partial / full page

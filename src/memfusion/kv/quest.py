@@ -180,12 +180,17 @@ class QuestLayer(KVLayer):
         self.valid.view(b, self.cap * S)[:, start:end] = valid
         p0, p1 = start // S, -(-end // S)
         if m == 1:  # decode: one slot, an element-wise update of its page
-            ok = valid.view(b, 1, 1)  # (B, 1, 1)
             kk = k[:, :, 0]  # (B, Hkv, D)
             cur_min, cur_max = self.kmin[:, :, p0], self.kmax[:, :, p0]
-            self.kmin[:, :, p0] = torch.where(ok, torch.minimum(cur_min, kk), cur_min)
-            self.kmax[:, :, p0] = torch.where(ok, torch.maximum(cur_max, kk), cur_max)
-            self.nonempty[:, p0] |= valid[:, 0]
+            if self.padded:
+                ok = valid.view(b, 1, 1)  # (B, 1, 1)
+                kk_min, kk_max = torch.where(ok, kk, INF), torch.where(ok, kk, -INF)
+                self.nonempty[:, p0] |= valid[:, 0]
+            else:  # every slot is a real token (and the page is non-empty once written)
+                kk_min = kk_max = kk
+                self.nonempty[:, p0] = True
+            torch.minimum(cur_min, kk_min, out=cur_min)
+            torch.maximum(cur_max, kk_max, out=cur_max)
             return
         keys = self.k[:, :, p0:p1]  # (B, Hkv, p, S, D)
         ok = self.valid[:, p0:p1].view(b, 1, p1 - p0, S, 1)  # (B, 1, p, S, 1)
@@ -254,14 +259,14 @@ class QuestLayer(KVLayer):
         vs = torch.index_select(self.v.view(b * h * cap, S * d), 0, rows, out=self._gathered[1])
         ks, vs = ks.view(b, h, budget * S, d), vs.view(b, h, budget * S, d)  # (B, Hkv, k*S, D)
         mask = None  # every selected slot is a real token, except unwritten slots of the current page
+        tail = -self.slots % S  # unwritten slots at the end of the current page (gathered last)
         if self.padded:
             vrows = sel + (torch.arange(b, device=q.device) * cap).view(b, 1, 1)  # rows of a (B*C) view
             mask = self.valid.view(b * cap, S).index_select(0, vrows.view(-1)).view(b, h, budget * S)  # (B, Hkv, k*S)
             mask[:, :, budget * S - S + (self.slots - 1) % S] = True  # the query's own slot, even if padding
             mask = None if bool(mask.all()) else mask
-        elif self.slots % S:  # the current page is partial: its unwritten tail slots are masked
-            mask = torch.ones(b, h, budget * S, dtype=torch.bool, device=q.device)
-            mask[:, :, budget * S - S + self.slots % S :] = False
+        elif tail:  # the current page is partial: its unwritten slots, the last gathered, are left out
+            ks, vs = ks[:, :, : budget * S - tail], vs[:, :, : budget * S - tail]
         self.pages_selected += b * h * budget
         self.pages_total += b * h * pages
         self.last_selection = sel
