@@ -17,6 +17,7 @@ from memfusion.errors import InvalidInput, NotFound
 from memfusion.models.reference import ReferenceArch, build, load
 from memfusion.models.reference_train import (
     MIXTURE,
+    MIXTURES,
     Stage,
     TrainConfig,
     answer_loss,
@@ -124,6 +125,22 @@ def test_answer_loss_is_the_mean_of_per_example_losses(tok) -> None:
     logits = model(input_ids=batch.input_ids, attention_mask=ones, position_ids=batch.position_ids).logits
     rows = [F.cross_entropy(logits[r], batch.labels[r], ignore_index=-100) for r in range(3)]  # logits: (B, T, V)
     assert answer_loss(model, batch).item() == pytest.approx(sum(r.item() for r in rows) / 3, rel=1e-5)
+
+
+def test_a_stage_with_positions_draws_sorted_distinct_positions_within_its_span(tok) -> None:
+    cfg = _cfg(stages=(Stage(128, 4, 2, "warm"), Stage(128, 4, 2, "warm", positions=2048)))
+    plain, spread = make_batch(cfg, tok, MIXTURES["warm"](), 1), make_batch(cfg, tok, MIXTURES["warm"](), 2)
+    width = plain.input_ids.shape[1]
+    assert torch.equal(plain.position_ids, torch.arange(width).expand(4, width))
+    pos = spread.position_ids  # (B, T)
+    assert pos.shape == spread.input_ids.shape and int(pos.min()) >= 0 and int(pos.max()) < 2048
+    assert bool((pos.diff(dim=1) > 0).all())  # strictly increasing: sorted and distinct
+    assert int(pos[:, -1].max()) > 4 * width  # spread over the span, not packed at its start
+    assert torch.equal(pos, make_batch(cfg, tok, MIXTURES["warm"](), 2).position_ids)  # from the seed
+    with pytest.raises(InvalidInput, match="positions"):
+        _cfg(stages=(Stage(256, 4, 2, positions=128),))  # narrower than the length
+    with pytest.raises(InvalidInput, match="max_position"):
+        _cfg(stages=(Stage(256, 4, 2, positions=10**6),))
 
 
 def test_answers_see_the_whole_context_under_randomised_positions(tok) -> None:

@@ -112,13 +112,16 @@ class Stage:
     tokens drawn from the mixture :data:`MIXTURES` names. With ``until``, the stage ends as soon as
     its smoothed answer loss is at most ``until`` (after ``TrainConfig.min_stage_steps`` at least), and
     ``steps`` is a cap: the retrieval circuit forms after a number of steps that varies from run to
-    run (a phase change), and the next, longer stage should start only once it has."""
+    run (a phase change), and the next, longer stage should start only once it has. With
+    ``positions``, each row's position ids are a sorted random subset of ``[0, positions)``
+    (randomised positions, Ruoss et al. 2023) instead of ``0..length-1``."""
 
     length: int
     batch: int
     steps: int
     mixture: str = "all"
     until: float | None = None
+    positions: int | None = None
 
 
 DEFAULT_STAGES = (
@@ -161,8 +164,10 @@ class TrainConfig:
             raise InvalidInput("a stage's until (the loss that ends it) must be a finite number > 0")
         if unknown := sorted({s.mixture for s in self.stages} - set(MIXTURES)):
             raise InvalidInput(f"unknown mixture(s) {unknown}; valid: {', '.join(MIXTURES)}")
-        if max(s.length for s in self.stages) > self.arch.max_position:
+        if max(max(s.length, s.positions or 0) for s in self.stages) > self.arch.max_position:
             raise InvalidInput(f"a stage is longer than the model's max_position ({self.arch.max_position})")
+        if any(s.positions is not None and s.positions < s.length for s in self.stages):
+            raise InvalidInput("a stage's positions (the span of its random position ids) must be >= its length")
         if min(self.warmup, self.stage_warmup) < 0 or min(self.eval_every, self.eval_samples, self.min_stage_steps) < 1:
             raise InvalidInput(
                 "eval_every, eval_samples and min_stage_steps must be >= 1, warmup and stage_warmup >= 0"
@@ -205,7 +210,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 @dataclass(frozen=True)
 class Batch:
     input_ids: Tensor  # (B, T) long, right-padded
-    position_ids: Tensor  # (B, T) long, 0..T-1 per row
+    position_ids: Tensor  # (B, T) long: 0..T-1 per row, or sorted random positions (Stage.positions)
     labels: Tensor  # (B, T) long: next-token targets aligned to positions (-100 outside answers)
     tasks: tuple[str, ...]
 
@@ -247,7 +252,7 @@ def make_batch(
     """The batch of global ``step`` (deterministic in ``(cfg.seed, step)``), at its stage's length."""
     import torch
 
-    from memfusion.bench.tasks.training import IGNORE, training_example
+    from memfusion.bench.tasks.training import IGNORE, random_position_ids, training_example
 
     rng = random.Random(f"reference/{cfg.seed}/{step}")
     stage = cfg.stages[cfg.stage_at(step)[0]]
@@ -285,7 +290,11 @@ def make_batch(
     for r, (ids, targets) in enumerate(rows):
         input_ids[r, : len(ids)] = torch.tensor(ids)
         labels[r, : len(ids)] = torch.tensor(targets)
-    position_ids = torch.arange(width).expand(batch, width).clone()
+    if stage.positions is None:
+        position_ids = torch.arange(width).expand(batch, width).clone()
+    else:  # over the batch's width (extra questions may pass length); right padding takes the last ones
+        gen = torch.Generator().manual_seed(rng.getrandbits(63))
+        position_ids = random_position_ids(batch, width, max(stage.positions, width), gen)
     return Batch(input_ids, position_ids, labels, tuple(names))
 
 
