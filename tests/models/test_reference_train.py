@@ -143,6 +143,18 @@ def test_a_stage_with_positions_draws_sorted_distinct_positions_within_its_span(
         _cfg(stages=(Stage(256, 4, 2, positions=10**6),))
 
 
+def test_a_stage_with_min_length_mixes_example_lengths(tok) -> None:
+    cfg = _cfg(stages=(Stage(256, 8, 2, "warm"), Stage(256, 8, 2, "warm", min_length=64)), extra_questions=0)
+    batches = [make_batch(cfg, tok, MIXTURES["warm"](), step) for step in (0, 2)]
+    real = [(b.input_ids != tok.pad_token_id).sum(dim=1) for b in batches]  # (B,) tokens per row
+    answer = len(tok(" 12345", add_special_tokens=False)["input_ids"]) + 1  # the value and </s>
+    assert len(set(real[0].tolist())) == 1 and int(real[0][0]) - answer == 256  # every example at length
+    sizes = real[1] - answer  # (B,): the prompt lengths drawn from [64, 256]
+    assert int(sizes.min()) >= 64 and int(sizes.max()) <= 256 and len(set(sizes.tolist())) >= 4
+    with pytest.raises(InvalidInput, match="min_length"):
+        _cfg(stages=(Stage(256, 4, 2, min_length=32),))
+
+
 def test_answers_see_the_whole_context_under_randomised_positions(tok) -> None:
     """The loss of every row depends on its first tokens although position ids jump (without a
     mask or a cache, transformers reads the gaps as boundaries of packed sequences)."""

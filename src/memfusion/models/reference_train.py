@@ -114,7 +114,8 @@ class Stage:
     ``steps`` is a cap: the retrieval circuit forms after a number of steps that varies from run to
     run (a phase change), and the next, longer stage should start only once it has. With
     ``positions``, each row's position ids are a sorted random subset of ``[0, positions)``
-    (randomised positions, Ruoss et al. 2023) instead of ``0..length-1``."""
+    (randomised positions, Ruoss et al. 2023) instead of ``0..length-1``. With ``min_length``, each
+    example's length is drawn uniformly from ``[min_length, length]`` (batches are right-padded)."""
 
     length: int
     batch: int
@@ -122,6 +123,7 @@ class Stage:
     mixture: str = "all"
     until: float | None = None
     positions: int | None = None
+    min_length: int | None = None
 
 
 DEFAULT_STAGES = (
@@ -166,6 +168,8 @@ class TrainConfig:
             raise InvalidInput(f"unknown mixture(s) {unknown}; valid: {', '.join(MIXTURES)}")
         if max(max(s.length, s.positions or 0) for s in self.stages) > self.arch.max_position:
             raise InvalidInput(f"a stage is longer than the model's max_position ({self.arch.max_position})")
+        if any(s.min_length is not None and not 64 <= s.min_length <= s.length for s in self.stages):
+            raise InvalidInput("a stage's min_length must be between 64 and its length")
         if any(s.positions is not None and s.positions < s.length for s in self.stages):
             raise InvalidInput("a stage's positions (the span of its random position ids) must be >= its length")
         if min(self.warmup, self.stage_warmup) < 0 or min(self.eval_every, self.eval_samples, self.min_stage_steps) < 1:
@@ -267,8 +271,9 @@ def make_batch(
         task = rng.choices([t for _, t in mixture], weights)[0]
         seed = TRAINING_SEED_BASE + rng.getrandbits(40)
         depth = rng.random() if task.has_needle else None
+        size = length if stage.min_length is None else rng.randint(stage.min_length, length)
         try:
-            sample = task.generate(tokenizer, length, 1, seed=seed, depth=depth)[0]
+            sample = task.generate(tokenizer, size, 1, seed=seed, depth=depth)[0]
         except InvalidInput:  # a task that does not fit this length: draw another
             misses += 1
             continue
