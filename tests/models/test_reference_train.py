@@ -67,7 +67,8 @@ def test_lr_schedule_restarts_at_every_stage_hand_computed() -> None:
 
 
 def test_scaled_keeps_the_proportions_and_the_total() -> None:
-    cfg = TrainConfig()
+    sizes = ((128, 32, 1000), (256, 16, 400), (512, 8, 400), (1024, 4, 500), (2048, 2, 500), (4096, 1, 400))
+    cfg = _cfg(stages=tuple(Stage(*size) for size in sizes))
     small = cfg.scaled(33)
     assert small.steps == 33 and [s.length for s in small.stages] == [s.length for s in cfg.stages]
     assert [s.steps for s in small.stages] == [10, 4, 4, 5, 5, 5]

@@ -31,8 +31,8 @@ WEIGHTS_DIR = Path(__file__).with_name("weights")
 @dataclass(frozen=True)
 class ReferenceArch:
     """The model's shape. ``max_position``: ``max_position_embeddings``, the context limit that
-    tasks and the bench check prompts against (training shows distances up to ``train_positions``
-    of :class:`~memfusion.models.reference_train.TrainConfig`)."""
+    tasks and the bench check prompts against (training shows distances up to its longest
+    :class:`~memfusion.models.reference_train.Stage`)."""
 
     layers: int = 4
     hidden: int = 128
@@ -40,7 +40,7 @@ class ReferenceArch:
     kv_heads: int = 2
     intermediate: int = 384
     max_position: int = 16384
-    rope_theta: float = 10000.0
+    rope_theta: float = 1_000_000.0  # slow rotations keep more dimensions for matching content far away
 
     def __post_init__(self) -> None:
         if min(self.layers, self.hidden, self.heads, self.kv_heads, self.intermediate, self.max_position) < 1:
