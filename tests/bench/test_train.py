@@ -534,7 +534,7 @@ def test_bayes_reference_matches_the_generators_own_frequencies() -> None:
     r = data.train.responses  # (S, 4)
     assert len(set(data.concept.tolist())) == 2  # both concepts occur, so the rate is shared across them
     patterns = torch.tensor([[a, b, c, 0] for a in (0, 1) for b in (0, 1) for c in (0, 1)])  # (8, 4)
-    want = bayes_predictions(patterns, data.concept, data.difficulty, gen.guess, gen.learn_rate)
+    want = bayes_predictions(patterns, data.concept, data.difficulty, gen)
     for i, pattern in enumerate(patterns):
         same_past = (r[:, :3] == pattern[:3]).all(dim=1)
         for t in range(4):  # step t depends only on the first t responses
