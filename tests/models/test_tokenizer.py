@@ -1,4 +1,4 @@
-"""The reference tokenizer: a fixed word-level vocabulary, numbers in 3-digit pieces, lossless decoding."""
+"""The reference tokenizer: a fixed word-level vocabulary, one digit per token, lossless decoding."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from memfusion.errors import InvalidInput, NotFound
 from memfusion.models.tokenizer import (
     DELIMITERS,
     DIGITS,
-    NUMBERS,
     FACTS_BEGIN,
     FACTS_END,
     PUNCTUATION,
@@ -44,9 +43,9 @@ def test_special_tokens_have_fixed_ids(tok) -> None:  # type: ignore[no-untyped-
 
 def test_vocabulary_size_and_every_piece_bare_and_spaced(tok) -> None:  # type: ignore[no-untyped-def]
     vocab = vocabulary()
-    expected = 4 + 2 + 2 * (len(DELIMITERS) + len(NUMBERS) + len(PUNCTUATION) + len(WORDS))
+    expected = 4 + 2 + 2 * (len(DELIMITERS) + len(DIGITS) + len(PUNCTUATION) + len(WORDS))
     assert len(vocab) == len(set(vocab)) == expected == len(tok)
-    assert 3000 <= len(vocab) <= 4000
+    assert 500 <= len(vocab) <= 2000
     assert tok.get_vocab() == {t: i for i, t in enumerate(vocab)}
     for word in WORDS:
         assert word.isascii() and word.isalpha() and word.islower()
@@ -54,10 +53,10 @@ def test_vocabulary_size_and_every_piece_bare_and_spaced(tok) -> None:  # type: 
         assert pieces(tok, " " + word) == [" " + word]
 
 
-def test_a_value_after_its_delimiter(tok) -> None:  # type: ignore[no-untyped-def]
-    assert pieces(tok, "key <v> 4821735.") == ["key", " <v>", " 482", "173", "5", "."]
+def test_digits_are_one_token_each(tok) -> None:  # type: ignore[no-untyped-def]
+    assert pieces(tok, "4821735") == list("4821735")
+    assert pieces(tok, "key <v> 4821735.") == ["key", " <v>", " 4", "8", "2", "1", "7", "3", "5", "."]
     assert pieces(tok, "x1") == ["<unk>", "1"]  # "x" alone is not a word of the vocabulary
-    assert set(DIGITS) <= set(NUMBERS)
 
 
 def test_bos_first_no_eos(tok) -> None:  # type: ignore[no-untyped-def]
@@ -70,18 +69,6 @@ def test_unknown_text_becomes_unk(tok) -> None:  # type: ignore[no-untyped-def]
     assert pieces(tok, "the Sky") == ["the", "<unk>", "<unk>"]  # " S" is not a mark of the vocabulary, "ky" no word
     assert pieces(tok, "zyzzyva") == ["<unk>"]
     assert pieces(tok, "a\tb") == ["a", "<unk>", "<unk>"]
-
-
-def test_numbers_split_in_three_digit_pieces_from_the_left(tok) -> None:  # type: ignore[no-untyped-def]
-    assert pieces(tok, "4821735") == ["482", "173", "5"]
-    assert pieces(tok, "is 0042.") == ["is", " 004", "2", "."]
-    assert pieces(tok, " 12 7") == [" 12", " 7"]
-    assert len(NUMBERS) == 1110 and len(set(NUMBERS)) == 1110
-    for number in ("0", "9", "00", "57", "000", "999"):  # every piece is one token, bare and after a space
-        assert pieces(tok, number) == [number] and pieces(tok, " " + number) == [" " + number]
-    for digits in range(1, 13):
-        value = "".join(str((7 * i + 3) % 10) for i in range(digits))
-        assert len(pieces(tok, value)) == -(-digits // 3), value
 
 
 TEXT_PIECES = [*WORDS[:60], *WORDS[-60:], *DIGITS, *PUNCTUATION, *DELIMITERS, "\n"]

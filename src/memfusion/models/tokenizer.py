@@ -7,13 +7,8 @@ Design of the vocabulary (ids are stable: the same code always builds the same `
 - task delimiters :data:`DELIMITERS`: ``<v>`` comes right before every value (in a needle, a fact,
   and at the end of every prompt, where the answer starts); ``<facts>`` / ``</facts>`` bracket a
   block of facts (:func:`format_facts`). They are ordinary tokens: decoding keeps them;
-- ``"\\n"``, ``" "``, ASCII punctuation, and :data:`NUMBERS`, every string of one to three digits:
-  a number is cut into pieces of three digits from the left, as Llama 3's and GPT-4's tokenizers
-  do, so ``"4821735"`` is ``"482" "173" "5"``. A model then copies a 7-digit value in 3 tokens, and
-  since a value's pieces almost never repeat (1 in 1,000), the copy is an unambiguous match on the
-  previous piece. With one digit per token, 94% of 7-digit values repeat a digit, and the reference
-  model confused neighbouring positions at 2K tokens (teacher-forced, most wrong digits were the
-  next digit of the value);
+- ``"\\n"``, ``" "``, the ten digits and ASCII punctuation: **one digit per token**, so a model
+  copies numbers digit by digit and a 7-digit value is always 7 tokens;
 - the words of :data:`WORDS` (lower-case ``a-z``): task templates, filler text for haystacks, keys,
   variable names.
 
@@ -22,7 +17,7 @@ leading space (``" green"``), so a text splits into pieces ``" ?word"`` / ``" ?d
 ``" ?mark"`` and decoding is the exact concatenation of the pieces (lossless; no clean-up of
 spaces). Anything else (upper-case letters, unknown words, tabs) encodes to ``<unk>``: the task
 generators check their prompts for ``<unk>`` and refuse a tokenizer that cannot spell them. The
-whole vocabulary is 3484 tokens, which keeps the embedding table of the reference model small.
+whole vocabulary is 1284 tokens, which keeps the embedding table of the reference model small.
 
 ``tokenizers`` and ``transformers`` are imported inside the functions, so importing this module
 (as the task generators do, for :data:`WORDS`) costs nothing.
@@ -46,14 +41,11 @@ VALUE_DELIMITER = "<v>"
 FACTS_BEGIN, FACTS_END = "<facts>", "</facts>"
 DELIMITERS: tuple[str, ...] = (VALUE_DELIMITER, FACTS_BEGIN, FACTS_END)
 DIGITS: tuple[str, ...] = tuple("0123456789")
-NUMBERS: tuple[str, ...] = tuple(f"{i:0{width}d}" for width in (1, 2, 3) for i in range(10**width))
-"""Every number piece: ``"0"`` .. ``"9"``, ``"00"`` .. ``"99"``, ``"000"`` .. ``"999"`` (1,110)."""
 PUNCTUATION: tuple[str, ...] = tuple(".,:;?!'\"-()[]{}=+*/_%&#@<>|~`$^\\")
 
-PIECE_PATTERN = r" ?<[a-z/]+>|\n| ?[a-z]+| ?[0-9]{1,3}| ?[^\sa-z0-9]| "
-"""How a text is cut before lookup: delimiters, newlines, words, numbers in pieces of up to three
-digits from the left, single marks, each with an optional leading space; a run of spaces gives one
-``" "`` piece per extra space."""
+PIECE_PATTERN = r" ?<[a-z/]+>|\n| ?[a-z]+| ?[0-9]| ?[^\sa-z0-9]| "
+"""How a text is cut before lookup: delimiters, newlines, words, single digits, single marks, each
+with an optional leading space; a run of spaces gives one ``" "`` piece per extra space."""
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -149,10 +141,10 @@ WORDS: tuple[str, ...] = tuple(sorted(set(TEMPLATE_WORDS + KEY_ADJECTIVES + KEY_
 
 
 def vocabulary() -> list[str]:
-    """The tokens in id order: specials, ``"\\n"``, ``" "``, then delimiters, number pieces,
-    punctuation and words, each bare and with a leading space."""
+    """The tokens in id order: specials, delimiters, ``"\\n"``, ``" "``, then digits, punctuation and
+    words, each bare and with a leading space."""
     tokens = [*SPECIAL_TOKENS, "\n", " "]
-    for piece in (*DELIMITERS, *NUMBERS, *PUNCTUATION, *WORDS):
+    for piece in (*DELIMITERS, *DIGITS, *PUNCTUATION, *WORDS):
         tokens += [piece, " " + piece]
     if len(set(tokens)) != len(tokens):  # a word list edit that collides with another piece
         raise RuntimeError("the reference vocabulary has duplicate tokens")
