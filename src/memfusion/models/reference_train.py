@@ -19,7 +19,7 @@ The recipe (what made a small model retrieve on CPU; see :class:`TrainConfig`):
   tokenizer keeps one digit per token): with 3-digit pieces the 128-token stage stayed at chance
   (3.83, uniform over values) for 2,000 steps, the copy of the second piece never starting; with
   their embeddings initialised from shared digit components the copy started but no lookup by
-  step 1,900; with 2-digit pieces the copy came by step 500 but the loss fell slowly, 1.02 at
+  step 1,900; with 2-digit pieces the copy started by step 500 but the loss fell slowly, 1.02 at
   step 2,050 (one digit per token: 0.05 at step 1,501);
 - dense supervision: after the first answer, up to ``extra_questions`` more questions about other
   facts / needles of the same context (as in multi-query associative recall);
