@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from memfusion.bench.tasks.training import random_position_ids
 from memfusion.errors import InvalidInput, NotFound
-from memfusion.models.reference import ReferenceArch, build, load
+from memfusion.models.reference import ReferenceArch, arch_dict, build, load
 from memfusion.models.reference_train import (
     MIXTURE,
     MIXTURES,
@@ -50,6 +50,23 @@ def test_config_validation() -> None:
         _cfg(lr=1e-4, min_lr=1e-3)
     with pytest.raises(InvalidInput, match="divide"):
         ReferenceArch(hidden=100, heads=6)
+    with pytest.raises(InvalidInput, match="positive"):
+        ReferenceArch(head_dim=0)
+
+
+def test_wider_heads_than_hidden_over_heads(tok) -> None:  # type: ignore[no-untyped-def]
+    wide = replace(TINY, head_dim=16)  # hidden 32 / 4 heads would be 8
+    model = build(wide, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (4 * 16, 32) and attn.k_proj.weight.shape == (2 * 16, 32)
+    assert attn.o_proj.weight.shape == (32, 4 * 16)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    assert model(input_ids=ids).logits.shape == (1, 4, len(tok))
+    default = build(TINY, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    assert default.model.layers[0].self_attn.q_proj.weight.shape == (32, 32)
+    # the record names head_dim only when it is set, so earlier records (without it) still match
+    assert "head_dim" not in arch_dict(TINY) and arch_dict(wide)["head_dim"] == 16
+    assert ReferenceArch(hidden=100, heads=6, kv_heads=3, head_dim=16).head_dim == 16
 
 
 def test_lr_schedule_restarts_at_every_stage_hand_computed() -> None:
