@@ -242,5 +242,7 @@ def test_synthetic5_bad_input() -> None:
         Synthetic5(learn_rate=(0.3, 0.1))
     with pytest.raises(InvalidInput, match="ability_sd"):
         Synthetic5(ability_sd=-1.0)
+    with pytest.raises(InvalidInput, match=r"concepts in \[0, 5\)"):
+        Synthetic5().simulate(torch.tensor([0, 5]), torch.zeros(2, dtype=torch.float64), 3, torch.Generator())
     with pytest.raises(InvalidInput, match=r"questions, responses, mask must be \(N, T\)"):
         KTSequences(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3), torch.zeros(2), ("a",))

@@ -53,10 +53,9 @@ def bayes_predictions(
     need(concept.shape == (e,) and difficulty.shape == (e,), "concept and difficulty must be (E,)")
     need(min(general_points, concept_points) >= 2 and rate_points >= 1 and chunk >= 1, "grids too small")
     k = int(concept.max()) + 1
-    gen = generator
-    general, log_general = _normal_grid(gen.ability_mean, gen.ability_sd, general_points, span)  # (G,)
-    dev, log_dev = _normal_grid(0.0, gen.concept_sd, concept_points, span)  # (U,)
-    lo, hi = gen.learn_rate
+    general, log_general = _normal_grid(generator.ability_mean, generator.ability_sd, general_points, span)  # (G,)
+    dev, log_dev = _normal_grid(0.0, generator.concept_sd, concept_points, span)  # (U,)
+    lo, hi = generator.learn_rate
     rate = torch.linspace(lo, hi, rate_points if hi > lo else 1, dtype=torch.float64)  # (R,), uniform prior
     onehot = torch.nn.functional.one_hot(concept, k).double()  # (E, K)
     earlier = (torch.cumsum(onehot, 0) - onehot).gather(1, concept[:, None]).squeeze(1)  # (E,) n_t
@@ -69,7 +68,7 @@ def bayes_predictions(
         for t in range(e):
             c = int(concept[t])
             skill = general[None, :, None] + dev[None, None, :] + rate[:, None, None] * earlier[t]  # (R, G, U)
-            p = gen.guess + (1.0 - gen.guess) * torch.sigmoid(skill - float(difficulty[t]))  # (R, G, U)
+            p = generator.guess + (1.0 - generator.guess) * torch.sigmoid(skill - float(difficulty[t]))  # (R, G, U)
             evidence = torch.logsumexp(loglik + log_dev, dim=-1)  # (C, R, G, K): log P(concept's past | rate, g)
             others = evidence.sum(-1) - evidence[..., c]  # (C, R, G): the other concepts tell about rate and g
             joint = others[..., None] + loglik[:, :, :, c] + log_dev + prior  # (C, R, G, U)
