@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from memfusion.bench.tasks.training import random_position_ids
 from memfusion.errors import InvalidInput, NotFound
-from memfusion.models.reference import ReferenceArch, arch_dict, build, load
+from memfusion.models.reference import ReferenceArch, arch_dict, build, load, spread_digit_places
 from memfusion.models.reference_train import (
     MIXTURE,
     MIXTURES,
@@ -25,9 +25,15 @@ from memfusion.models.reference_train import (
     make_batch,
     train,
 )
-from memfusion.models.tokenizer import build_tokenizer
+from memfusion.models.tokenizer import DIGIT_PLACES, DIGITS, build_tokenizer, digit_tag, vocabulary
 
-TINY = ReferenceArch(layers=4, hidden=32, heads=4, kv_heads=2, intermediate=64, max_position=4096)
+UNTAG = {digit_tag(p, d): d for p in range(DIGIT_PLACES) for d in DIGITS}
+
+
+def untag(tag: str) -> str:
+    return UNTAG[tag]
+
+TINY = ReferenceArch(layers=4, hidden=32, heads=4, kv_heads=2, intermediate=64, max_position=4096, head_dim=None)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,7 @@ def test_config_validation() -> None:
     with pytest.raises(InvalidInput, match="min_lr"):
         _cfg(lr=1e-4, min_lr=1e-3)
     with pytest.raises(InvalidInput, match="divide"):
-        ReferenceArch(hidden=100, heads=6)
+        ReferenceArch(hidden=100, heads=6, head_dim=None)
     with pytest.raises(InvalidInput, match="positive"):
         ReferenceArch(head_dim=0)
 
@@ -227,9 +233,12 @@ def test_a_stage_with_until_ends_once_its_loss_is_reached(tmp_path: Path, tok) -
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path: Path, tok) -> None:
     cfg = _cfg(steps=3, warmup=1, eval_every=100, eval_lengths=(300,), eval_samples=1, threads=1)
-    whole = replace(cfg, stages=(Stage(128, 2, 2, "warm"), Stage(128, 2, 2, "noise"), Stage(256, 1, 2)))
+    first = Stage(128, 2, 2, "warm", plain_digits=True)  # bare digits, spread at the second stage
+    whole = replace(cfg, stages=(first, Stage(128, 2, 2, "noise"), Stage(256, 1, 2)))
     train(whole, tmp_path / "one")
-    train(replace(whole, stages=whole.stages[:2]), tmp_path / "two")  # stopped after its second stage
+    train(replace(whole, stages=whole.stages[:1]), tmp_path / "two")  # stopped before the spread
+    assert len(load(tmp_path / "two")[1]) == len(vocabulary(1))
+    train(replace(whole, stages=whole.stages[:2]), tmp_path / "two", resume=True)  # and after it
     record = train(whole, tmp_path / "two", resume=True)
     assert record["stages_done"] == 3 and record["steps"] == 6 and record["stage_steps"] == [2, 2, 2]
     assert [e["stage"] for e in record["evaluations"]] == [0, 1, 2]
@@ -240,10 +249,38 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path: Path, tok) -
     with pytest.raises(InvalidInput, match="lr differ"):
         train(replace(whole, lr=1e-3), tmp_path / "two", resume=True)
     with pytest.raises(InvalidInput, match="the stages differ"):
-        train(replace(whole, stages=(Stage(128, 2, 3, "warm"), *whole.stages[1:])), tmp_path / "two", resume=True)
+        train(replace(whole, stages=(replace(first, steps=3), *whole.stages[1:])), tmp_path / "two", resume=True)
     (tmp_path / "two" / "optimizer.pt").unlink()
     with pytest.raises(InvalidInput, match="no resumable checkpoint"):
         train(whole, tmp_path / "two", resume=True)
+
+
+def test_spreading_digit_places_keeps_what_the_model_computes(tok) -> None:  # type: ignore[no-untyped-def]
+    """After the spread, the model reads a text in place tags exactly as it read it in bare digits,
+    and gives every place tag its bare digit's logit."""
+    bare_tok = build_tokenizer(TINY.max_position, digit_places=1)
+    torch.manual_seed(0)
+    model = build(TINY, len(bare_tok), 0, 1, 2).eval()
+    text = "one of the special magic numbers for amber falcon is <v> 4821735. 90 <v> 1"
+    bare_ids = bare_tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = model(bare_ids).logits[0]  # (T, 1284)
+        spread_digit_places(model)
+        ids = tok(text, return_tensors="pt").input_ids
+        after = model(ids).logits[0]  # (T, 1464)
+    assert ids.shape == bare_ids.shape and not torch.equal(ids, bare_ids)
+    assert after.shape[1] == len(tok) == len(vocabulary())
+    torch.testing.assert_close(after[:, : len(bare_tok)], before)
+    bare_of = {t: bare_tok.get_vocab()[t.replace(t.strip(), digit_tag(0, untag(t.strip())))] for t in vocabulary()[len(bare_tok) :]}
+    for token, bare_id in bare_of.items():
+        torch.testing.assert_close(after[:, tok.get_vocab()[token]], before[:, bare_id])
+    with pytest.raises(InvalidInput, match="bare-digit vocabulary"):
+        spread_digit_places(model)  # already spread
+
+
+def test_plain_digit_stages_come_first() -> None:
+    with pytest.raises(InvalidInput, match="plain_digits"):
+        TrainConfig(arch=TINY, stages=(Stage(128, 2, 1), Stage(128, 2, 1, plain_digits=True)))
 
 
 def test_training_goes_on_from_a_checkpoint(tmp_path: Path, tok) -> None:

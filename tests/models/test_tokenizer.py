@@ -1,4 +1,5 @@
-"""The reference tokenizer: a fixed word-level vocabulary, one digit per token, lossless decoding."""
+"""The reference tokenizer: a fixed word-level vocabulary, one digit per token tagged by its place in
+its number, lossless decoding."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from memfusion.errors import InvalidInput, NotFound
 from memfusion.models.tokenizer import (
     DELIMITERS,
+    DIGIT_PLACES,
     DIGITS,
     FACTS_BEGIN,
     FACTS_END,
@@ -18,6 +20,7 @@ from memfusion.models.tokenizer import (
     VALUE_DELIMITER,
     WORDS,
     build_tokenizer,
+    digit_tag,
     format_fact,
     format_facts,
     format_question,
@@ -36,6 +39,22 @@ def pieces(tok, text: str) -> list[str]:  # type: ignore[no-untyped-def]
     return tok.convert_ids_to_tokens(tok(text, add_special_tokens=False).input_ids)
 
 
+def untag(token: str) -> str:
+    """A token with its digit place tags read back as digits (an independent decoding)."""
+    tags = {digit_tag(p, d): d for p in range(DIGIT_PLACES) for d in DIGITS}
+    return "".join(tags.get(c, c) for c in token)
+
+
+def places(text: str) -> list[int]:
+    """The place of every digit of ``text`` in its run of digits, counted by hand."""
+    out, run = [], 0
+    for c in text:
+        run = run + 1 if c.isdigit() else 0
+        if c.isdigit():
+            out.append(min(run - 1, DIGIT_PLACES - 1))
+    return out
+
+
 def test_special_tokens_have_fixed_ids(tok) -> None:  # type: ignore[no-untyped-def]
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
     assert (tok.pad_token, tok.bos_token, tok.eos_token, tok.unk_token) == ("<pad>", "<s>", "</s>", "<unk>")
@@ -43,7 +62,7 @@ def test_special_tokens_have_fixed_ids(tok) -> None:  # type: ignore[no-untyped-
 
 def test_vocabulary_size_and_every_piece_bare_and_spaced(tok) -> None:  # type: ignore[no-untyped-def]
     vocab = vocabulary()
-    expected = 4 + 2 + 2 * (len(DELIMITERS) + len(DIGITS) + len(PUNCTUATION) + len(WORDS))
+    expected = 4 + 2 + 2 * (len(DELIMITERS) + len(DIGITS) * DIGIT_PLACES + len(PUNCTUATION) + len(WORDS))
     assert len(vocab) == len(set(vocab)) == expected == len(tok)
     assert 500 <= len(vocab) <= 2000
     assert tok.get_vocab() == {t: i for i, t in enumerate(vocab)}
@@ -53,10 +72,33 @@ def test_vocabulary_size_and_every_piece_bare_and_spaced(tok) -> None:  # type: 
         assert pieces(tok, " " + word) == [" " + word]
 
 
-def test_digits_are_one_token_each(tok) -> None:  # type: ignore[no-untyped-def]
-    assert pieces(tok, "4821735") == list("4821735")
-    assert pieces(tok, "key <v> 4821735.") == ["key", " <v>", " 4", "8", "2", "1", "7", "3", "5", "."]
-    assert pieces(tok, "x1") == ["<unk>", "1"]  # "x" alone is not a word of the vocabulary
+def test_digits_are_one_token_each_tagged_by_place(tok) -> None:  # type: ignore[no-untyped-def]
+    assert pieces(tok, "4821735") == [digit_tag(p, d) for p, d in enumerate("4821735")]
+    tagged = [" " + digit_tag(0, "4"), *(digit_tag(p, d) for p, d in enumerate("821735", start=1))]
+    assert pieces(tok, "key <v> 4821735.") == ["key", " <v>", *tagged, "."]
+    assert pieces(tok, "x1") == ["<unk>", digit_tag(0, "1")]  # "x" alone is not a word of the vocabulary
+    # a digit after any non-digit starts a new number; places past the last share its tokens
+    assert pieces(tok, "12.34") == [digit_tag(0, "1"), digit_tag(1, "2"), ".", digit_tag(0, "3"), digit_tag(1, "4")]
+    long = "123456789012"
+    assert pieces(tok, long) == [digit_tag(min(p, DIGIT_PLACES - 1), d) for p, d in enumerate(long)]
+    assert digit_tag(DIGIT_PLACES - 1, "2") == digit_tag(DIGIT_PLACES + 5, "2") != digit_tag(0, "2")
+    assert tok.decode(tok(long).input_ids, skip_special_tokens=True) == long
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.text(alphabet="0123456789 .<v>a", max_size=40))
+def test_digit_places_match_a_hand_count(tok, text: str) -> None:  # type: ignore[no-untyped-def]
+    ids = tok(text, add_special_tokens=False).input_ids
+    tags = {digit_tag(p, d): p for p in range(DIGIT_PLACES) for d in DIGITS}
+    found = [tags[c] for token in tok.convert_ids_to_tokens(ids) for c in token if c in tags]
+    assert found == places(text)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet="0123456789", min_size=1, max_size=DIGIT_PLACES))
+def test_a_number_never_repeats_a_token(tok, number: str) -> None:  # type: ignore[no-untyped-def]
+    ids = tok(" " + number, add_special_tokens=False).input_ids
+    assert len(ids) == len(set(ids)) == len(number)
 
 
 def test_bos_first_no_eos(tok) -> None:  # type: ignore[no-untyped-def]
@@ -93,7 +135,7 @@ def test_decoding_is_lossless(tok, text: str) -> None:  # type: ignore[no-untype
     ids = tok(text).input_ids
     assert tok.unk_token_id not in ids
     assert tok.decode(ids, skip_special_tokens=True) == text
-    assert "".join(tok.convert_ids_to_tokens(ids[1:])) == text  # the pieces tile the text
+    assert "".join(untag(t) for t in tok.convert_ids_to_tokens(ids[1:])) == text  # the pieces tile the text
 
 
 def test_build_is_deterministic() -> None:

@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from memfusion.errors import InvalidInput
-from memfusion.models.reference import ReferenceArch, arch_dict, build, save
+from memfusion.models.reference import ReferenceArch, arch_dict, build, save, spread_digit_places
+from memfusion.models.tokenizer import DIGIT_PLACES
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -99,16 +100,31 @@ def _mixture() -> list[tuple[float, LongContextTask]]:
     ]
 
 
+def _long_mixture() -> list[tuple[float, LongContextTask]]:
+    from memfusion.bench.tasks.ruler import FactsInText, KvLookup, NiahMultikey, NiahSingle
+
+    return [
+        (3.0, NiahSingle()),
+        (1.0, NiahSingle(haystack="noise")),
+        (1.0, NiahSingle(value_digits=5)),
+        (1.0, NiahMultikey()),
+        (1.0, KvLookup()),
+        (1.0, FactsInText()),
+    ]
+
+
 MIXTURES: dict[str, Callable[[], list[tuple[float, LongContextTask]]]] = {
     "warm": _warm_mixture,
     "noise": _noise_mixture,
     "needles": _needles_mixture,
     "all": _mixture,
+    "long": _long_mixture,
 }
 """(weight, task) pairs by name (functions: task modules load only when called). ``warm``: one
 5-digit needle in repeated filler, where the retrieval circuit forms; ``needles``: NIAH-single
 with essay haystacks and 7-digit needles as well; ``all``: every single-answer retrieval task
-(needles, multi-key needles, passkeys, key-value lookups, facts in text). Introduced one at a
+(needles, multi-key needles, passkeys, key-value lookups, facts in text); ``long``: the
+essay needles of the benchmark first, with the fact formats kept in. Introduced one at a
 time: a 4-layer model given essays and 7-digit needles from the start had not begun to retrieve
 after 750 steps, and one moved from ``warm`` straight to ``all`` at 256 tokens lost it."""
 MIXTURE: Callable[[], list[tuple[float, LongContextTask]]] = _mixture
@@ -123,7 +139,10 @@ class Stage:
     run (a phase change), and the next, longer stage should start only once it has. With
     ``positions``, each row's position ids are a sorted random subset of ``[0, positions)``
     (randomised positions, Ruoss et al. 2023) instead of ``0..length-1``. With ``min_length``, each
-    example's length is drawn uniformly from ``[min_length, length]`` (batches are right-padded)."""
+    example's length is drawn uniformly from ``[min_length, length]`` (batches are right-padded).
+    With ``plain_digits``, the stage reads numbers with bare digits (``build_tokenizer(digit_places=1)``);
+    such stages come first, and the first stage without it spreads each digit's embedding to its
+    place tags (:func:`~memfusion.models.reference.spread_digit_places`)."""
 
     length: int
     batch: int
@@ -132,20 +151,21 @@ class Stage:
     until: float | None = None
     positions: int | None = None
     min_length: int | None = None
+    plain_digits: bool = False
 
 
 DEFAULT_STAGES = (
-    Stage(128, 32, 2500, "warm", until=0.05),
-    Stage(256, 24, 800, "warm", until=0.05, min_length=64),
-    Stage(512, 12, 800, "warm", until=0.05, min_length=64),
-    Stage(1024, 6, 800, "warm", until=0.05, min_length=64),
-    Stage(1024, 6, 500, "needles", until=0.05, min_length=64),
-    Stage(2048, 4, 500, "needles", until=0.05, min_length=64),
-    Stage(4096, 2, 400, "needles", until=0.05, min_length=64),
+    Stage(128, 32, 2500, "warm", until=0.05, plain_digits=True),
+    Stage(256, 24, 800, "needles", until=0.02, min_length=64),
+    Stage(512, 12, 800, "all", until=0.05, min_length=64),
+    Stage(1024, 6, 600, "all", until=0.05, min_length=64),
+    Stage(2048, 4, 500, "long", until=0.03, min_length=64),
+    Stage(4096, 2, 400, "long", until=0.03, min_length=64),
 )
-"""The lookup forms at 128 tokens (a phase change), then lengths mixed from 64 tokens double up
-to 4K, the essays and 7-digit needles last; 6,300 steps at most. This reaches the targets of
-neither niah_single@2048 nor @4096 yet (figures in the README)."""
+"""The lookup forms at 128 tokens with bare digits (a phase change), then the digits spread to their
+place tags and a 256-token stage learns to copy 7-digit values; lengths mixed from 64 tokens then
+double up to 4K, with every retrieval format (``all``) at 512-1024 and the benchmark's essay
+needles first at 2K-4K (``long``); 5,600 steps at most."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +201,9 @@ class TrainConfig:
             raise InvalidInput(f"a stage is longer than the model's max_position ({self.arch.max_position})")
         if any(s.min_length is not None and not 64 <= s.min_length <= s.length for s in self.stages):
             raise InvalidInput("a stage's min_length must be between 64 and its length")
+        plain = [s.plain_digits for s in self.stages]
+        if plain != sorted(plain, reverse=True):
+            raise InvalidInput("stages with plain_digits must all come before the stages without it")
         if any(s.positions is not None and s.positions < s.length for s in self.stages):
             raise InvalidInput("a stage's positions (the span of its random position ids) must be >= its length")
         if min(self.warmup, self.stage_warmup) < 0 or min(self.eval_every, self.eval_samples, self.min_stage_steps) < 1:
@@ -399,6 +422,15 @@ def _load_weights(directory: Path) -> dict[str, Any]:
     return load(directory)[0].state_dict()
 
 
+def _optimizer(model: LlamaForCausalLM, cfg: TrainConfig) -> Any:
+    import torch
+
+    decay = [p for _, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for _, p in model.named_parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+
 def train(
     cfg: TrainConfig,
     out: Path,
@@ -421,32 +453,35 @@ def train(
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    tokenizer = build_tokenizer(model_max_length=cfg.arch.max_position)
+    tokenizers = {plain: build_tokenizer(cfg.arch.max_position, 1 if plain else DIGIT_PLACES) for plain in (True, False)}
+    if not resume and (out / "training.json").is_file():
+        raise InvalidInput(f"{out} holds a checkpoint already: resume it (--resume) or train into a new directory")
+    saved = _resumable(cfg, out, init) if resume and (out / "training.json").is_file() else None
+    done = 0 if saved is None else int(saved["stages_done"])
+    plain = cfg.stages[max(done - 1, 0)].plain_digits  # the vocabulary of the weights we start from
+    tokenizer = tokenizers[plain]
     model = build(cfg.arch, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    if init is not None:
-        model.load_state_dict(_load_weights(init))
+    if init is not None or saved is not None:
+        source = out if saved is not None else cast(Path, init)
+        try:
+            model.load_state_dict(_load_weights(source))
+        except RuntimeError as exc:
+            raise InvalidInput(
+                f"the weights in {source} do not fit {'the bare-digit' if plain else 'the place-tagged'} tokenizer "
+                f"and arch of the stage they start ({exc.__class__.__name__}); start from a checkpoint of the same recipe"
+            ) from exc
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-    )
+    opt = _optimizer(model, cfg)
     mixtures = {name: MIXTURES[name]() for name in {s.mixture for s in cfg.stages}}
     niah = get_task("niah_single")
     evals: list[dict[str, Any]] = []
     start = time.perf_counter()
     smooth = float("nan")
-    trained, done, earlier = 0, 0, 0.0  # steps trained, stages finished, minutes of earlier runs
+    trained, earlier = 0, 0.0  # steps trained, minutes of earlier runs
     stage_steps: list[int] = []  # steps each finished stage ran
-    if not resume and (out / "training.json").is_file():
-        raise InvalidInput(f"{out} holds a checkpoint already: resume it (--resume) or train into a new directory")
-    if resume and (out / "training.json").is_file():
-        saved = _resumable(cfg, out, init)
-        done, trained, earlier = saved["stages_done"], saved["steps"], saved["minutes"]
+    if saved is not None:
+        trained, earlier = saved["steps"], saved["minutes"]
         stage_steps, evals = list(saved["stage_steps"]), list(saved["evaluations"])
-        model.load_state_dict(_load_weights(out))
         opt.load_state_dict(torch.load(out / OPTIMIZER_FILE, weights_only=True))
     ends = {sum(s.steps for s in cfg.stages[: i + 1]): i for i in range(len(cfg.stages))}  # last step + 1 -> stage
 
@@ -468,6 +503,9 @@ def train(
         index, within = cfg.stage_at(step)
         stage = cfg.stages[index]
         smooth = float("nan") if within == 0 else smooth
+        if plain and not stage.plain_digits:  # the first place-tagged stage: digits spread to their places
+            spread_digit_places(model)
+            opt, plain, tokenizer = _optimizer(model, cfg), False, tokenizers[False]
         batch = make_batch(cfg, tokenizer, mixtures[stage.mixture], step)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)

@@ -7,8 +7,17 @@ Design of the vocabulary (ids are stable: the same code always builds the same `
 - task delimiters :data:`DELIMITERS`: ``<v>`` comes right before every value (in a needle, a fact,
   and at the end of every prompt, where the answer starts); ``<facts>`` / ``</facts>`` bracket a
   block of facts (:func:`format_facts`). They are ordinary tokens: decoding keeps them;
-- ``"\\n"``, ``" "``, the ten digits and ASCII punctuation: **one digit per token**, so a model
-  copies numbers digit by digit and a 7-digit value is always 7 tokens;
+- ``"\\n"``, ``" "``, ASCII punctuation and the digits: **one digit per token, tagged with its
+  place in its number** (:data:`DIGIT_PLACES`): the ``4`` of ``"4821735"`` and the ``4`` of
+  ``"1904433"`` are different tokens (place 0 and place 5), so a 7-digit value is 7 tokens that
+  never repeat within it. Copying a number is then an unambiguous one-token match (the token
+  after "my current digit-and-place" in the source), where with bare digits a value with a
+  repeated digit (94% of 7-digit values) leaves the model two places to continue from, and most
+  copy errors of the models trained so were the value's next digit. This is the Abacus
+  embedding of McLeish et al. 2024 (arXiv 2405.17399: an embedding of each digit's place within
+  its number), folded into the token: the normalizer maps a digit at place ``p`` to the private-use
+  character :func:`digit_tag` ``(p, d)`` and the decoder maps it back, so texts and decoded
+  outputs only ever show plain digits;
 - the words of :data:`WORDS` (lower-case ``a-z``): task templates, filler text for haystacks, keys,
   variable names.
 
@@ -17,7 +26,7 @@ leading space (``" green"``), so a text splits into pieces ``" ?word"`` / ``" ?d
 ``" ?mark"`` and decoding is the exact concatenation of the pieces (lossless; no clean-up of
 spaces). Anything else (upper-case letters, unknown words, tabs) encodes to ``<unk>``: the task
 generators check their prompts for ``<unk>`` and refuse a tokenizer that cannot spell them. The
-whole vocabulary is 1284 tokens, which keeps the embedding table of the reference model small.
+whole vocabulary is 1464 tokens, which keeps the embedding table of the reference model small.
 
 ``tokenizers`` and ``transformers`` are imported inside the functions, so importing this module
 (as the task generators do, for :data:`WORDS`) costs nothing.
@@ -41,11 +50,35 @@ VALUE_DELIMITER = "<v>"
 FACTS_BEGIN, FACTS_END = "<facts>", "</facts>"
 DELIMITERS: tuple[str, ...] = (VALUE_DELIMITER, FACTS_BEGIN, FACTS_END)
 DIGITS: tuple[str, ...] = tuple("0123456789")
+DIGIT_PLACES = 10
+"""Digits at places ``0 .. DIGIT_PLACES - 2`` of a number (from the left) get tokens of their own;
+all later places share the tokens of place ``DIGIT_PLACES - 1``. ``build_tokenizer(digit_places=1)``
+is the same tokenizer with bare digits (every place reads as place 0): training starts with it (see
+:mod:`memfusion.models.reference_train`), and since the tags of places 1 and later come last in the
+vocabulary, its token ids are the first ids of the full tokenizer."""
+_TAG_BASE = 0xE000  # Unicode private-use area: never in task text
+
+
+def digit_tag(place: int, digit: str) -> str:
+    """The character that stands for ``digit`` at ``place`` of its number inside the tokenizer
+    (its tokens are this character, bare and with a leading space). Reserved: a text containing
+    these private-use characters reads as digits."""
+    return chr(_TAG_BASE + 10 * min(place, DIGIT_PLACES - 1) + int(digit))
+
+
+def _tags(place: int) -> str:
+    return "".join(digit_tag(place, d) for d in DIGITS)
+
+
+def _check_places(digit_places: int) -> None:
+    if not isinstance(digit_places, int) or not 1 <= digit_places <= DIGIT_PLACES:
+        raise InvalidInput(f"digit_places must be an integer in [1, {DIGIT_PLACES}], got {digit_places!r}")
 PUNCTUATION: tuple[str, ...] = tuple(".,:;?!'\"-()[]{}=+*/_%&#@<>|~`$^\\")
 
-PIECE_PATTERN = r" ?<[a-z/]+>|\n| ?[a-z]+| ?[0-9]| ?[^\sa-z0-9]| "
-"""How a text is cut before lookup: delimiters, newlines, words, single digits, single marks, each
-with an optional leading space; a run of spaces gives one ``" "`` piece per extra space."""
+PIECE_PATTERN = r" ?<[a-z/]+>|\n| ?[a-z]+| ?[^\sa-z]| "
+"""How a text is cut before lookup (after the digits became place tags): delimiters, newlines,
+words, single tagged digits and single marks, each with an optional leading space; a run of spaces
+gives one ``" "`` piece per extra space."""
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -140,34 +173,58 @@ WORDS: tuple[str, ...] = tuple(sorted(set(TEMPLATE_WORDS + KEY_ADJECTIVES + KEY_
 """Every word of the vocabulary, sorted (the order fixes the token ids)."""
 
 
-def vocabulary() -> list[str]:
+def vocabulary(digit_places: int = DIGIT_PLACES) -> list[str]:
     """The tokens in id order: specials, delimiters, ``"\\n"``, ``" "``, then digits, punctuation and
     words, each bare and with a leading space."""
     tokens = [*SPECIAL_TOKENS, "\n", " "]
-    for piece in (*DELIMITERS, *DIGITS, *PUNCTUATION, *WORDS):
+    _check_places(digit_places)
+    later = [digit_tag(place, d) for place in range(1, digit_places) for d in DIGITS]
+    for piece in (*DELIMITERS, *(digit_tag(0, d) for d in DIGITS), *PUNCTUATION, *WORDS, *later):
         tokens += [piece, " " + piece]
     if len(set(tokens)) != len(tokens):  # a word list edit that collides with another piece
         raise RuntimeError("the reference vocabulary has duplicate tokens")
     return tokens
 
 
-def build_tokenizer(model_max_length: int | None = None) -> PreTrainedTokenizerFast:
+def _digit_normalizer(digit_places: int) -> list[object]:
+    """Replace passes that turn every digit into its place tag, place by place from the left: a
+    digit with no digit before it is at place 0; one after a place-``p`` tag is at place ``p + 1``;
+    whatever digits remain after the passes of places ``0 .. digit_places - 2`` take the last."""
+    from tokenizers import Regex, normalizers
+
+    passes = []
+    tagged = f"{digit_tag(0, '0')}-{digit_tag(DIGIT_PLACES - 1, '9')}"
+    for place in range(digit_places):
+        if place == digit_places - 1:
+            before = ""
+        elif place == 0:
+            before = f"(?<![0-9{tagged}])"  # nor a digit tagged by an earlier pass
+        else:
+            before = f"(?<=[{_tags(place - 1)}])"
+        passes += [normalizers.Replace(Regex(before + d), digit_tag(place, d)) for d in DIGITS]
+    return passes
+
+
+def build_tokenizer(model_max_length: int | None = None, digit_places: int = DIGIT_PLACES) -> PreTrainedTokenizerFast:
     """Build the reference tokenizer (no file, no network): the same call gives the same tokenizer.
 
     ``model_max_length``: the context limit of the model it goes with (``None`` = no limit); the task
-    generators refuse longer prompts. ``tokenizer(text).input_ids`` starts with ``<s>``;
+    generators refuse longer prompts. ``digit_places``: how many places of a number have tokens of
+    their own (:data:`DIGIT_PLACES`; 1 = bare digits). ``tokenizer(text).input_ids`` starts with ``<s>``;
     ``decode(ids, skip_special_tokens=True)`` gives back ``text`` exactly when ``text`` is in the
     vocabulary.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     if model_max_length is not None and model_max_length < 1:
         raise InvalidInput(f"model_max_length must be a positive number of tokens or None, got {model_max_length}")
-    ids = {token: i for i, token in enumerate(vocabulary())}
+    ids = {token: i for i, token in enumerate(vocabulary(digit_places))}
     backend = Tokenizer(models.WordLevel(ids, unk_token=UNK))
+    backend.normalizer = normalizers.Sequence(_digit_normalizer(digit_places))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(PIECE_PATTERN), behavior="isolated")
-    backend.decoder = decoders.Fuse()  # pieces carry their own spaces: decoding is concatenation
+    untag = [decoders.Replace(digit_tag(place, d), d) for place in range(digit_places) for d in DIGITS]
+    backend.decoder = decoders.Sequence([*untag, decoders.Fuse()])  # pieces carry their spaces: concatenation
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, ids[BOS])]
     )
