@@ -28,7 +28,7 @@ console = Console()
 
 SUITES: dict[str, dict[str, Any]] = {
     # The quick suite: small contexts, a few minutes on 2 CPU cores at most.
-    "quick": dict(contexts=(1024, 2048), new_tokens=16, budget=256, bounded_chunk=32, prefill_chunk=512),
+    "kv-quick": dict(contexts=(1024, 2048), new_tokens=16, budget=256, bounded_chunk=32, prefill_chunk=512),
     # The performance table: 4K / 16K / 32K on the 4-layer, 512-wide GQA model.
     "kv": dict(contexts=(4096, 16384, 32768), new_tokens=64, budget=2048, bounded_chunk=64, prefill_chunk=1024),
 }
@@ -49,9 +49,13 @@ app.add_typer(bench_app, name="bench")
 @bench_app.callback()
 def bench(
     ctx: typer.Context,
-    suite: Annotated[str, typer.Option(help=f"Which suite: {', '.join(SUITES)} (KV performance), or a task suite.")] = (
-        "quick"
-    ),
+    suite: Annotated[
+        str,
+        typer.Option(
+            help=f"Which suite: quick / full (task suites on the reference model), {', '.join(SUITES)} "
+            "(KV performance), smoke, tasks-quick, tasks-full, fusion, fusion-quick."
+        ),
+    ] = "quick",
     contexts: Annotated[str | None, typer.Option(help="Comma-separated context lengths (overrides the suite).")] = None,
     policies: Annotated[
         str | None, typer.Option(help="Comma-separated policy names (default: all); fusion: route specs.")
@@ -62,7 +66,7 @@ def bench(
     lengths: Annotated[str | None, typer.Option(help="Task suites: comma-separated prompt lengths.")] = None,
     tasks: Annotated[str | None, typer.Option(help="Task suites: comma-separated task names.")] = None,
     model: Annotated[
-        str | None, typer.Option(help="Task suites: 'random' (default), 'reference' or a local checkpoint dir.")
+        str | None, typer.Option(help="Task suites: 'reference' (default), 'random' or a local checkpoint dir.")
     ] = None,
     device: Annotated[str | None, typer.Option(help="Task suites: cpu (default) or cuda[:N].")] = None,
     batch: Annotated[int | None, typer.Option(help="Task suites: requests decoded together (default 1).")] = None,
@@ -134,7 +138,7 @@ def _bench_kv(suite: str, contexts: str | None, policies: str | None, out: Path)
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc
         bar.update(task, completed=units, description="done")
-    paths = report.write(result, out, f"kv-{suite}")
+    paths = report.write(result, out, suite if suite.startswith("kv-") else f"kv-{suite}")
     console.print("\n".join(report.headline(result)))
     console.print(f"report: {paths['md']} ({paths['json'].name}, {paths['png'].name})")
 
@@ -219,7 +223,7 @@ def _bench_tasks(
         cfg = runner.RunConfig(
             suite=chosen,
             out=out or Path("reports") / chosen.name,
-            model=model or "random",
+            model=model or "reference",
             device=device or "cpu",
             batch=1 if batch is None else batch,
             seed=0 if seed is None else seed,

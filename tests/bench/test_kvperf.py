@@ -19,7 +19,9 @@ def test_spread_is_median_and_quartiles() -> None:
 
 def test_bench_cli_writes_reports_with_exact_bytes(tmp_path: Path) -> None:
     result = CliRunner().invoke(
-        app, ["bench", "--contexts", "96", "--policies", "dense,window", "--out", str(tmp_path)], catch_exceptions=False
+        app,
+        ["bench", "--suite", "kv-quick", "--contexts", "96", "--policies", "dense,window", "--out", str(tmp_path)],
+        catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "kv-quick.json").read_text())
@@ -38,7 +40,7 @@ def test_bench_cli_writes_reports_with_exact_bytes(tmp_path: Path) -> None:
 
 def test_bench_rejects_unknown_policy_and_suite(tmp_path: Path) -> None:
     runner = CliRunner()
-    bad = runner.invoke(app, ["bench", "--policies", "nope", "--out", str(tmp_path)])
+    bad = runner.invoke(app, ["bench", "--suite", "kv-quick", "--policies", "nope", "--out", str(tmp_path)])
     assert bad.exit_code != 0 and "unknown policies" in bad.output
     bad = runner.invoke(app, ["bench", "--suite", "huge", "--out", str(tmp_path)])
     assert bad.exit_code != 0 and "unknown suite" in bad.output

@@ -215,12 +215,13 @@ def test_results_of_another_schema_or_settings_are_refused(tmp_path: Path) -> No
     assert list(runner.read_results(other)[1]) == ["niah_single/dense/256/-"]
 
 
-def test_suites_are_data_and_the_alias_mapping_is_empty_for_now() -> None:
+def test_suites_are_data_and_quick_is_the_task_suite() -> None:
     smoke = SUITES["smoke"]
     assert len(smoke.cells()) == len(smoke.tasks) * len(smoke.lengths) * (
         sum(len(smoke.budgets) if p in ("window", "quest") else 1 for p in smoke.policies)
     )
-    assert task_suite_name("quick") is None and task_suite_name("tasks-quick") == "tasks-quick"  # quick = kvperf
+    assert task_suite_name("quick") == task_suite_name("tasks-quick") == "tasks-quick"
+    assert task_suite_name("full") == "tasks-full" and task_suite_name("kv-quick") is None  # kv-quick = kvperf
     assert max(SUITES["tasks-full"].lengths) == 8192 and min(SUITES["tasks-full"].lengths) == 1024
     with pytest.raises(InvalidInput, match="budgets"):
         Suite("x", "x", ("passkey",), ("dense",), (256,), (1.5,), 1)
@@ -238,7 +239,7 @@ def test_cli_smoke_suite_end_to_end_then_resume(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "RANDOM WEIGHTS" in md and "## niah_single" in md and "## kv_lookup" in md
     assert (out / "report.html").stat().st_size > 10_000
-    again = cli.invoke(app, ["bench", "--suite", "smoke", "--out", str(out)])
+    again = cli.invoke(app, ["bench", "--suite", "smoke", "--model", "random", "--out", str(out)])
     assert again.exit_code == 0 and f"0 cells run (0 failed), {n} already finished" in _flat(again.output)
     compared = cli.invoke(app, ["bench", "compare", str(out), str(out / "results.jsonl")])
     assert compared.exit_code == 0 and f"{n} cells compared, 0 significant" in compared.output
@@ -250,5 +251,5 @@ def test_cli_bad_input_exits_with_a_message(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "unknown tasks" in _flat(bad.output)
     bad = cli.invoke(app, ["bench", "--suite", "smoke", "--model", str(tmp_path / "none"), "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "no such file or directory" in _flat(bad.output)
-    bad = cli.invoke(app, ["bench", "--suite", "quick", "--model", "random", "--out", str(tmp_path)])
+    bad = cli.invoke(app, ["bench", "--suite", "kv-quick", "--model", "random", "--out", str(tmp_path)])
     assert bad.exit_code != 0 and "task suites only" in _flat(bad.output)

@@ -271,8 +271,8 @@ def test_spreading_digit_places_keeps_what_the_model_computes(tok) -> None:  # t
     assert ids.shape == bare_ids.shape and not torch.equal(ids, bare_ids)
     assert after.shape[1] == len(tok) == len(vocabulary())
     torch.testing.assert_close(after[:, : len(bare_tok)], before)
-    bare_of = {t: bare_tok.get_vocab()[t.replace(t.strip(), digit_tag(0, untag(t.strip())))] for t in vocabulary()[len(bare_tok) :]}
-    for token, bare_id in bare_of.items():
+    for token in vocabulary()[len(bare_tok) :]:  # " <tag of place p, digit d>" reads as " <bare d>"
+        bare_id = bare_tok.get_vocab()[token.replace(token.strip(), digit_tag(0, untag(token.strip())))]
         torch.testing.assert_close(after[:, tok.get_vocab()[token]], before[:, bare_id])
     with pytest.raises(InvalidInput, match="bare-digit vocabulary"):
         spread_digit_places(model)  # already spread

@@ -6,9 +6,9 @@ length (``token_budget = round(fraction * length)``); they apply to the policies
 budget (:data:`BUDGET_PARAMS`); the others (dense, paged, quant) run once per length, with budget
 ``None`` (they keep every token).
 
-``quick`` / ``full`` still name the KV *performance* suites of :mod:`memfusion.bench.kvperf`
-until the reference model ships; :data:`SUITE_ALIASES` is the one mapping a later session flips
-(``{"quick": "tasks-quick", "full": "tasks-full"}``) to move those names to the task suites.
+``quick`` / ``full`` are aliases of ``tasks-quick`` / ``tasks-full`` (:data:`SUITE_ALIASES`), run
+on the shipped reference model by default; the KV *performance* suites of
+:mod:`memfusion.bench.kvperf` are ``kv-quick`` and ``kv``.
 """
 
 from __future__ import annotations
@@ -180,9 +180,9 @@ SUITES: dict[str, Suite] = {
 }
 """The task suites by name."""
 
-SUITE_ALIASES: dict[str, str] = {}
-"""Names that resolve to a task suite. Empty while ``quick`` / ``full`` still run the KV performance
-benchmark; flip to ``{"quick": "tasks-quick", "full": "tasks-full"}`` when the reference model ships."""
+SUITE_ALIASES: dict[str, str] = {"quick": "tasks-quick", "full": "tasks-full"}
+"""Names that resolve to a task suite: ``memfusion bench`` (``--suite quick``) runs the task suite on
+the shipped reference model; the KV performance suites are ``kv-quick`` and ``kv``."""
 
 
 def task_suite_name(name: str) -> str | None:

@@ -1,8 +1,9 @@
 """The reference model: a small Hugging Face causal LM trained by the project on its synthetic tasks.
 
 ``memfusion.models.reference.load()`` returns ``(model, tokenizer)`` from the shipped weights;
-``memfusion.models.tokenizer`` builds its tokenizer (a fixed word-level vocabulary, digits one per
-token) and defines the fact-lookup format the engine uses to put retrieved facts in context.
+``memfusion.models.tokenizer`` builds its tokenizer (a fixed word-level vocabulary, one token per
+digit tagged with its place in the number) and defines the fact-lookup format the engine uses to
+put retrieved facts in context.
 Submodules load ``tokenizers`` / ``transformers`` only when called; ``reference`` is imported on
 first attribute access.
 """

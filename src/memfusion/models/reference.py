@@ -90,9 +90,10 @@ def spread_digit_places(model: LlamaForCausalLM) -> LlamaForCausalLM:
     from memfusion.models.tokenizer import DIGITS, digit_tag, vocabulary
 
     bare, full = vocabulary(1), vocabulary()
-    if model.get_input_embeddings().weight.shape[0] != len(bare):
+    rows = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[index]
+    if rows != len(bare):
         raise InvalidInput(
-            f"the model has {model.get_input_embeddings().weight.shape[0]} token embeddings; "
+            f"the model has {rows} token embeddings; "
             f"spreading digit places needs the bare-digit vocabulary ({len(bare)})"
         )
     ids = {token: i for i, token in enumerate(bare)}
@@ -100,10 +101,10 @@ def spread_digit_places(model: LlamaForCausalLM) -> LlamaForCausalLM:
     model.resize_token_embeddings(len(full), mean_resizing=False)
     # a fresh Parameter: resizing swaps the table's data, and autograd keeps the old shape for a
     # parameter that went through a backward pass already
-    embedding = model.get_input_embeddings()
-    embedding.weight = torch.nn.Parameter(embedding.weight.detach().clone())
-    model.lm_head.weight = embedding.weight  # tied
-    weight = embedding.weight
+    embedding: Any = model.get_input_embeddings()
+    weight = torch.nn.Parameter(embedding.weight.detach().clone())
+    embedding.weight = weight
+    model.lm_head.weight = weight  # tied
     with torch.no_grad():
         for i, token in enumerate(full[len(bare) :], start=len(bare)):
             tag = token.strip()  # the tag of (place, digit) is chr(base + 10 * place + digit)

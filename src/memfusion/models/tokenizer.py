@@ -192,7 +192,7 @@ def _digit_normalizer(digit_places: int) -> list[object]:
     whatever digits remain after the passes of places ``0 .. digit_places - 2`` take the last."""
     from tokenizers import Regex, normalizers
 
-    passes = []
+    passes: list[object] = []
     tagged = f"{digit_tag(0, '0')}-{digit_tag(DIGIT_PLACES - 1, '9')}"
     for place in range(digit_places):
         if place == digit_places - 1:
