@@ -159,9 +159,12 @@ def test_load_missing_directory(tmp_path) -> None:  # type: ignore[no-untyped-de
         load_tokenizer(tmp_path / "nothing")
 
 
-def test_bad_model_max_length() -> None:
+def test_bad_model_max_length_or_digit_places() -> None:
     with pytest.raises(InvalidInput, match="model_max_length"):
         build_tokenizer(model_max_length=0)
+    for bad in (0, DIGIT_PLACES + 1, 2.5):
+        with pytest.raises(InvalidInput, match="digit_places"):
+            build_tokenizer(digit_places=bad)  # type: ignore[arg-type]
 
 
 def test_fact_format(tok) -> None:  # type: ignore[no-untyped-def]

@@ -50,6 +50,7 @@ VALUE_DELIMITER = "<v>"
 FACTS_BEGIN, FACTS_END = "<facts>", "</facts>"
 DELIMITERS: tuple[str, ...] = (VALUE_DELIMITER, FACTS_BEGIN, FACTS_END)
 DIGITS: tuple[str, ...] = tuple("0123456789")
+PUNCTUATION: tuple[str, ...] = tuple(".,:;?!'\"-()[]{}=+*/_%&#@<>|~`$^\\")
 DIGIT_PLACES = 10
 """Digits at places ``0 .. DIGIT_PLACES - 2`` of a number (from the left) get tokens of their own;
 all later places share the tokens of place ``DIGIT_PLACES - 1``. ``build_tokenizer(digit_places=1)``
@@ -73,7 +74,6 @@ def _tags(place: int) -> str:
 def _check_places(digit_places: int) -> None:
     if not isinstance(digit_places, int) or not 1 <= digit_places <= DIGIT_PLACES:
         raise InvalidInput(f"digit_places must be an integer in [1, {DIGIT_PLACES}], got {digit_places!r}")
-PUNCTUATION: tuple[str, ...] = tuple(".,:;?!'\"-()[]{}=+*/_%&#@<>|~`$^\\")
 
 PIECE_PATTERN = r" ?<[a-z/]+>|\n| ?[a-z]+| ?[^\sa-z]| "
 """How a text is cut before lookup (after the digits became place tags): delimiters, newlines,
@@ -174,8 +174,9 @@ WORDS: tuple[str, ...] = tuple(sorted(set(TEMPLATE_WORDS + KEY_ADJECTIVES + KEY_
 
 
 def vocabulary(digit_places: int = DIGIT_PLACES) -> list[str]:
-    """The tokens in id order: specials, delimiters, ``"\\n"``, ``" "``, then digits, punctuation and
-    words, each bare and with a leading space."""
+    """The tokens in id order: specials, ``"\\n"``, ``" "``, then delimiters, the digits at place 0,
+    punctuation, words and the digits at places 1 .. ``digit_places - 1``, each bare and with a
+    leading space (so the ids of ``vocabulary(1)`` are the first ids of every larger one)."""
     tokens = [*SPECIAL_TOKENS, "\n", " "]
     _check_places(digit_places)
     later = [digit_tag(place, d) for place in range(1, digit_places) for d in DIGITS]
