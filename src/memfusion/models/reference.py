@@ -85,9 +85,11 @@ def spread_digit_places(model: LlamaForCausalLM) -> LlamaForCausalLM:
     last in the vocabulary), each a copy of its digit's bare row, so the model first reads and writes
     every place as it did the bare digit, and training then tells the places apart. In place;
     returns ``model``."""
+    from itertools import product
+
     import torch
 
-    from memfusion.models.tokenizer import DIGITS, digit_tag, vocabulary
+    from memfusion.models.tokenizer import DIGIT_PLACES, DIGITS, digit_tag, vocabulary
 
     bare, full = vocabulary(1), vocabulary()
     rows = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[index]
@@ -96,7 +98,7 @@ def spread_digit_places(model: LlamaForCausalLM) -> LlamaForCausalLM:
             f"the model has {rows} token embeddings; "
             f"spreading digit places needs the bare-digit vocabulary ({len(bare)})"
         )
-    ids = {token: i for i, token in enumerate(bare)}
+    ids = {token: i for i, token in enumerate(full)}  # the bare tokens keep their ids
     model.zero_grad(set_to_none=True)
     model.resize_token_embeddings(len(full), mean_resizing=False)
     # a fresh Parameter: resizing swaps the table's data, and autograd keeps the old shape for a
@@ -106,10 +108,8 @@ def spread_digit_places(model: LlamaForCausalLM) -> LlamaForCausalLM:
     embedding.weight = weight
     model.lm_head.weight = weight  # tied
     with torch.no_grad():
-        for i, token in enumerate(full[len(bare) :], start=len(bare)):
-            tag = token.strip()  # the tag of (place, digit) is chr(base + 10 * place + digit)
-            digit = DIGITS[(ord(tag) - ord(digit_tag(0, "0"))) % 10]
-            weight[i] = weight[ids[token.replace(tag, digit_tag(0, digit))]]
+        for place, d, space in product(range(1, DIGIT_PLACES), DIGITS, ("", " ")):
+            weight[ids[space + digit_tag(place, d)]] = weight[ids[space + digit_tag(0, d)]]
     return model
 
 

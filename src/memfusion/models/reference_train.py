@@ -51,7 +51,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 from memfusion.errors import InvalidInput
 from memfusion.models.reference import ReferenceArch, arch_dict, build, save, spread_digit_places
-from memfusion.models.tokenizer import DIGIT_PLACES
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -462,7 +461,7 @@ def train(
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    tokenizers = {plain: build_tokenizer(cfg.arch.max_position, 1 if plain else DIGIT_PLACES) for plain in (1, 0)}
+    tokenizers = {True: build_tokenizer(cfg.arch.max_position, 1), False: build_tokenizer(cfg.arch.max_position)}
     if not resume and (out / "training.json").is_file():
         raise InvalidInput(f"{out} holds a checkpoint already: resume it (--resume) or train into a new directory")
     saved = _resumable(cfg, out, init) if resume and (out / "training.json").is_file() else None
