@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import memfusion.kv as kv
 from memfusion.errors import InvalidInput
+from memfusion.kv import pageattn
 from memfusion.kv.hf import MemfusionCache
 from memfusion.kv.policy import EvictingLayer
 from memfusion.kv.quest import Quest, QuestLayer
@@ -21,6 +22,17 @@ from memfusion.kv.spec import ModelSpec
 from tests.kv.conftest import prompts
 
 SCALE = 0.25
+
+
+@pytest.fixture(params=["in place", "gathered"])
+def attention_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both decode paths of a selecting quest layer: the numba kernel that reads the selected pages
+    in place (float32 on the CPU) and the torch gather + attention (other dtypes, CUDA)."""
+    if request.param == "gathered":
+        monkeypatch.setattr(pageattn, "serves", lambda q, k: False)
+    else:
+        assert pageattn.available(), "numba is a dependency: the in-place kernel must be testable"
+    return str(request.param)
 
 
 def _spec(layers: int = 1, heads: int = 4, kv_heads: int = 2, dim: int = 8) -> ModelSpec:
@@ -62,8 +74,9 @@ class Feeder:
         self.v: list[torch.Tensor] = []
         self.ok: list[torch.Tensor] = []
 
-    def feed(self, m: int, valid: torch.Tensor | None = None, keys: torch.Tensor | None = None,
-             q: torch.Tensor | None = None) -> torch.Tensor:
+    def feed(
+        self, m: int, valid: torch.Tensor | None = None, keys: torch.Tensor | None = None, q: torch.Tensor | None = None
+    ) -> torch.Tensor:
         s, b = self.spec, self.batch
         k = keys if keys is not None else torch.randn(b, s.num_kv_heads, m, s.head_dim, generator=self.g)
         v = torch.randn(b, s.num_kv_heads, m, s.head_dim, generator=self.g)
@@ -120,7 +133,9 @@ def test_page_bounds_ignore_padding_and_match_brute_force(pad: int, decode: int)
 
 
 @pytest.mark.parametrize(("pad", "decode"), [(11, 3), (0, 3), (0, 6)])  # padded; no padding, partial / full page
-def test_decode_attends_exactly_to_the_current_page_and_the_top_bound_pages(pad: int, decode: int) -> None:
+def test_decode_attends_exactly_to_the_current_page_and_the_top_bound_pages(
+    pad: int, decode: int, attention_path: str
+) -> None:
     cfg = Quest(token_budget=12, page_size=4, dense_layers=0)
     f = _padded_feeder(cfg, pad=pad, seed=1, decode=decode)
     q = torch.randn(2, f.spec.num_heads, 1, f.spec.head_dim, generator=torch.Generator().manual_seed(7))
@@ -149,8 +164,9 @@ def test_decode_attends_exactly_to_the_current_page_and_the_top_bound_pages(pad:
                 torch.testing.assert_close(out[b, 0, hq], w @ vals[b, h, idx], rtol=1e-5, atol=1e-5)
 
 
-def _planted(seed: int, pages: int = 32, S: int = 8, needles: tuple[int, ...] = (3, 17, 25)) -> tuple[
-        torch.Tensor, torch.Tensor]:
+def _planted(
+    seed: int, pages: int = 32, S: int = 8, needles: tuple[int, ...] = (3, 17, 25)
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys ``(1, 1, pages*S, D)`` of small noise, except needle pages aligned with the query ``(1, 2, 1, D)``."""
     g = torch.Generator().manual_seed(seed)
     d = 16
@@ -246,7 +262,7 @@ def test_bad_parameters_are_rejected(params: dict[str, object], match: str) -> N
         kv.resolve("quest", **params)
 
 
-def test_a_padding_query_among_padding_pages_attends_to_itself() -> None:
+def test_a_padding_query_among_padding_pages_attends_to_itself(attention_path: str) -> None:
     """As in every dense kernel (``causal_tail``): a padding query with nothing valid sees its own key."""
     spec = _spec()
     f = Feeder(Quest(token_budget=4, page_size=4, dense_layers=0), spec, batch=2, seed=3)
@@ -259,13 +275,13 @@ def test_a_padding_query_among_padding_pages_attends_to_itself() -> None:
         torch.testing.assert_close(out[1, 0, hq], vals[1, hq // spec.groups, -1])
 
 
-
 def test_decode_attention_is_timed_per_step_and_layer(llama: torch.nn.Module) -> None:
     """The benchmark's medians read ``decode_attend_steps``: one entry per decode step and layer,
     summing to the cumulative ``decode_attend_seconds``; prefill chunks are not counted."""
     ids, mask = prompts(1, 40)
-    res = kv.generate(llama, ids, "quest", attention_mask=mask, max_new_tokens=6, prefill_chunk=16,
-                      token_budget=16, page_size=4)
+    res = kv.generate(
+        llama, ids, "quest", attention_mask=mask, max_new_tokens=6, prefill_chunk=16, token_budget=16, page_size=4
+    )
     steps = res.cache.decode_attend_steps
     assert [len(s) for s in steps] == [5] * len(steps) and all(t > 0 for s in steps for t in s)
     for layer, total in zip(steps, res.cache.decode_attend_seconds, strict=True):

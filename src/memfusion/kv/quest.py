@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from memfusion.errors import InvalidInput
+from memfusion.kv import pageattn
 from memfusion.kv.attention import grouped_attention
 from memfusion.kv.policy import EvictingLayer, KVLayer, PolicyConfig, require, require_int
 from memfusion.kv.spec import ModelSpec
@@ -236,8 +237,11 @@ class QuestLayer(KVLayer):
         qg = q.view(b, h, hq // h, d)  # (B, Hkv, G, D)
         q_pos = qg.clamp_min(0).sum(dim=2, keepdim=True)  # (B, Hkv, 1, D)
         q_neg = qg.clamp_max(0).sum(dim=2, keepdim=True)  # (B, Hkv, 1, D)
-        bound = torch.matmul(q_pos, self.kmax[:, :, :pages].transpose(-1, -2))  # (B, Hkv, 1, pages)
-        bound = (bound + torch.matmul(q_neg, self.kmin[:, :, :pages].transpose(-1, -2))).squeeze(2)  # (B, Hkv, pages)
+        if pageattn.serves(q, self.kmin):  # one pass over the bounds
+            bound = pageattn.page_bounds(q_pos.squeeze(2), q_neg.squeeze(2), self.kmin, self.kmax, pages)
+        else:
+            bound = torch.matmul(q_pos, self.kmax[:, :, :pages].transpose(-1, -2))  # (B, Hkv, 1, pages)
+            bound = (bound + torch.matmul(q_neg, self.kmin[:, :, :pages].transpose(-1, -2))).squeeze(2)
         return torch.where(self.nonempty[:, None, :pages], bound, -INF) if self.padded else bound
 
     def _select_and_attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -251,6 +255,20 @@ class QuestLayer(KVLayer):
             sel = torch.cat([top.sort(dim=-1).values, current], dim=-1)  # (B, Hkv, k)
         else:
             sel = current
+        mask = None  # every selected slot is a real token, except unwritten slots of the current page
+        tail = -self.slots % S  # unwritten slots at the end of the current page (the last selected)
+        if self.padded:
+            vrows = sel + (torch.arange(b, device=q.device) * cap).view(b, 1, 1)  # rows of a (B*C) view
+            mask = self.valid.view(b * cap, S).index_select(0, vrows.view(-1)).view(b, h, budget * S)  # (B, Hkv, k*S)
+            mask[:, :, budget * S - S + (self.slots - 1) % S] = True  # the query's own slot, even if padding
+            mask = None if bool(mask.all()) else mask
+        self.pages_selected += b * h * budget
+        self.pages_total += b * h * pages
+        self.last_selection = sel
+        if self.cfg.oracle_recall:
+            self._oracle(q, sel, scaling)
+        if pageattn.serves(q, self.k):  # the selected pages read in place, once
+            return pageattn.page_attention(q, self.k, self.v, sel, S - tail, scaling, mask)
         rows = sel + (torch.arange(b * h, device=q.device) * cap).view(b, h, 1)  # rows of a (B*Hkv*C) view
         rows = rows.view(-1)  # (B*Hkv*k,)
         if self._gathered.shape[1] != rows.numel():  # reused between steps: no fresh pages to fault in
@@ -258,20 +276,8 @@ class QuestLayer(KVLayer):
         ks = torch.index_select(self.k.view(b * h * cap, S * d), 0, rows, out=self._gathered[0])
         vs = torch.index_select(self.v.view(b * h * cap, S * d), 0, rows, out=self._gathered[1])
         ks, vs = ks.view(b, h, budget * S, d), vs.view(b, h, budget * S, d)  # (B, Hkv, k*S, D)
-        mask = None  # every selected slot is a real token, except unwritten slots of the current page
-        tail = -self.slots % S  # unwritten slots at the end of the current page (gathered last)
-        if self.padded:
-            vrows = sel + (torch.arange(b, device=q.device) * cap).view(b, 1, 1)  # rows of a (B*C) view
-            mask = self.valid.view(b * cap, S).index_select(0, vrows.view(-1)).view(b, h, budget * S)  # (B, Hkv, k*S)
-            mask[:, :, budget * S - S + (self.slots - 1) % S] = True  # the query's own slot, even if padding
-            mask = None if bool(mask.all()) else mask
-        elif tail:  # the current page is partial: its unwritten slots, the last gathered, are left out
+        if mask is None and tail:  # the current page is partial: its unwritten slots, the last gathered, are left out
             ks, vs = ks[:, :, : budget * S - tail], vs[:, :, : budget * S - tail]
-        self.pages_selected += b * h * budget
-        self.pages_total += b * h * pages
-        self.last_selection = sel
-        if self.cfg.oracle_recall:
-            self._oracle(q, sel, scaling)
         return grouped_attention(q, ks, vs, scaling, mask, cached=True)
 
     def _oracle(self, q: torch.Tensor, sel: torch.Tensor, scaling: float) -> None:
@@ -307,4 +313,3 @@ class QuestLayer(KVLayer):
         self._init_buffers(0)
         self.pages_selected = self.pages_total = self.recall_hits = self.recall_total = 0
         self.last_selection = None
-
