@@ -80,7 +80,7 @@ def test_nan_in_model_states_is_refused() -> None:
 def test_cache_outside_attach_is_refused(llama: torch.nn.Module) -> None:
     cache = kv.make_cache(llama, "dense")
     with pytest.raises(MemfusionError, match="attach"):
-        llama(torch.ones(1, 3, dtype=torch.long), past_key_values=cache, use_cache=True)
+        llama(torch.ones(1, 3, dtype=torch.long), **{kv.cache_kwarg(llama): cache}, use_cache=True)
 
 
 def test_attach_restores_the_model_after_an_error(llama: torch.nn.Module) -> None:
@@ -98,7 +98,7 @@ def test_beam_search_is_refused(llama: torch.nn.Module) -> None:
     with pytest.raises(InvalidInput, match="num_beams=1"), kv.attach(llama, cache):
         llama.generate(
             torch.ones(1, 3, dtype=torch.long),
-            past_key_values=cache,
+            **{kv.cache_kwarg(llama): cache},
             num_beams=2,  # type: ignore[operator]
             max_new_tokens=3,
             do_sample=False,

@@ -60,7 +60,7 @@ def test_low_level_path_matches_generate(policy: str, llama: torch.nn.Module) ->
                       **TIGHT[policy])
     cache = kv.make_cache(llama, policy, **TIGHT[policy])
     with kv.attach(llama, cache):
-        out = llama.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW,  # type: ignore[operator]
+        out = llama.generate(ids, attention_mask=mask, **{kv.cache_kwarg(llama): cache}, max_new_tokens=NEW,  # type: ignore[operator]
                              do_sample=False, pad_token_id=0)
     assert torch.equal(out, res.sequences)
     assert llama.config._attn_implementation != "memfusion"

@@ -78,11 +78,11 @@ def test_fork_copies_the_shared_partial_page_on_write(llama: torch.nn.Module) ->
     state = _state(cache)
     got: list[torch.Tensor] = []
     with torch.inference_mode(), kv.attach(llama, cache):
-        llama(input_ids=prompt, past_key_values=cache, use_cache=True)
+        llama(input_ids=prompt, **{kv.cache_kwarg(llama): cache}, use_cache=True)
         partial = state.pool.block_table(state.seqs[0])[2]
         cache.batch_repeat_interleave(2)
         for i, tok in enumerate(steps):
-            got.append(llama(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1])  # (2, V)
+            got.append(llama(input_ids=tok, **{kv.cache_kwarg(llama): cache}, use_cache=True).logits[:, -1])  # (2, V)
             state.pool.check()
             t0, t1 = (state.pool.block_table(s) for s in state.seqs)
             assert t0[:2] == t1[:2]  # the full pages stay shared

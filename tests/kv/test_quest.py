@@ -26,8 +26,9 @@ SCALE = 0.25
 
 @pytest.fixture(params=["in place", "gathered"])
 def attention_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both decode paths of a selecting quest layer: the numba kernel that reads the selected pages
-    in place (float32 on the CPU) and the torch gather + attention (other dtypes, CUDA)."""
+    """Both decode paths of a quest layer: the numba kernels (one-token append, page selection and
+    attention reading the selected pages in place; float32 on the CPU) and the torch ops (other
+    dtypes, CUDA)."""
     if request.param == "gathered":
         monkeypatch.setattr(pageattn, "serves", lambda q, k: False)
     else:
@@ -109,7 +110,7 @@ def _padded_feeder(cfg: Quest, pad: int = 11, seed: int = 0, decode: int = 3) ->
 
 
 @pytest.mark.parametrize(("pad", "decode"), [(11, 3), (0, 3), (0, 6)])  # decode 6 opens a page on a decode step
-def test_page_bounds_ignore_padding_and_match_brute_force(pad: int, decode: int) -> None:
+def test_page_bounds_ignore_padding_and_match_brute_force(pad: int, decode: int, attention_path: str) -> None:
     cfg = Quest(token_budget=8, page_size=4, dense_layers=0)
     f = _padded_feeder(cfg, pad=pad, decode=decode)
     keys, _, ok = f.all()  # (B, Hkv, n, D), (B, n)

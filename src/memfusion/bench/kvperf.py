@@ -171,13 +171,14 @@ def hf_decode_seconds(model: Any, ids: torch.Tensor, new_tokens: int, chunk: int
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
+    name = kv.cache_kwarg(model)
     for s in range(0, ids.shape[1], chunk):
-        out = model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids[:, s : s + chunk], **{name: cache}, use_cache=True, logits_to_keep=1)
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     times = []
     for _ in range(new_tokens - 1):
         t0 = time.perf_counter()
-        out = model(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(tok, **{name: cache}, use_cache=True, logits_to_keep=1)
         times.append(time.perf_counter() - t0)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
     return times

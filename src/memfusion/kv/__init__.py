@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from memfusion.kv.generate import GenerateResult, generate
 from memfusion.kv.gqa import to_gqa
-from memfusion.kv.hf import MemfusionCache, attach, make_cache
+from memfusion.kv.hf import MemfusionCache, attach, cache_kwarg, make_cache
 from memfusion.kv.policy import PolicyConfig
 from memfusion.kv.registry import POLICIES, resolve
 from memfusion.kv.spec import SUPPORTED_ARCHITECTURES, ModelSpec
@@ -26,6 +26,7 @@ __all__ = [
     "ModelSpec",
     "PolicyConfig",
     "attach",
+    "cache_kwarg",
     "generate",
     "make_cache",
     "resolve",

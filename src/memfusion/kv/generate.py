@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from memfusion.errors import InvalidInput
-from memfusion.kv.hf import MemfusionCache, attach, make_cache
+from memfusion.kv.hf import MemfusionCache, attach, cache_kwarg, make_cache
 from memfusion.kv.policy import PolicyConfig
 from memfusion.kv.stats import KVStats
 
@@ -90,6 +90,7 @@ def generate(
     """
     input_ids, mask = _check_inputs(model, input_ids, attention_mask, max_new_tokens, prefill_chunk)
     cache = make_cache(model, policy, **params)
+    cache_name = cache_kwarg(model)
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     b, t = input_ids.shape
@@ -109,7 +110,7 @@ def generate(
             input_ids=ids,
             attention_mask=am,
             position_ids=pos,
-            past_key_values=cache,
+            **{cache_name: cache},
             use_cache=True,
             logits_to_keep=1,
         )

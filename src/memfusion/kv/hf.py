@@ -10,12 +10,15 @@ Lower-level use, with your own ``model.generate`` or forward loop::
 
     cache = kv.make_cache(model, "window", window=256, sinks=4)
     with kv.attach(model, cache):
-        out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+        out = model.generate(input_ids, **{kv.cache_kwarg(model): cache}, max_new_tokens=32)
+
+(``cache=`` on transformers >= 5.24, ``past_key_values=`` before: :func:`cache_kwarg` says which.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import time
 from collections.abc import Iterator
@@ -145,6 +148,17 @@ class MemfusionCache(Cache):
         self.decode_attend_steps = [[] for _ in range(self.spec.num_layers)]
 
 
+def cache_kwarg(model: Any) -> str:
+    """The name under which ``model``'s forward takes the KV cache: ``"cache"`` (transformers >= 5.24,
+    which warns on ``past_key_values`` and drops it in 5.40) or ``"past_key_values"`` (before)."""
+    forward = getattr(model, "forward", None)
+    try:
+        names = inspect.signature(forward).parameters if forward is not None else {}
+    except (TypeError, ValueError):  # a forward without a signature: the long-standing name
+        names = {}
+    return "cache" if "cache" in names else "past_key_values"
+
+
 def _attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -160,7 +174,7 @@ def _attention(
     if cache is None:
         raise MemfusionError(
             "the model is switched to memfusion attention but no cache is bound: call it inside "
-            "`memfusion.kv.attach(model, cache)` and pass `past_key_values=cache`"
+            "`memfusion.kv.attach(model, cache)` and pass it the cache (under the name kv.cache_kwarg(model) gives)"
         )
     layer_idx = int(getattr(module, "layer_idx", -1))
     if not 0 <= layer_idx < cache.spec.num_layers:

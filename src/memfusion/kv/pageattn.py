@@ -81,23 +81,82 @@ def _kernel() -> Any:
 
 
 @cache
-def _bounds_kernel() -> Any:
+def _select_kernel() -> Any:
     import numba
+    import numpy as np
 
     @numba.njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
-    def bounds(q_pos, q_neg, kmin, kmax, out):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
-        # q_pos, q_neg (B, Hkv, D); kmin, kmax (B, Hkv, C, D); out (B, Hkv, P) with P <= C
-        b_n, h_n, p_n = out.shape
-        d_n = q_pos.shape[2]
+    def select(q, kmin, kmax, nonempty, padded, pages, sel):  # type: ignore[no-untyped-def]  # pragma: no cover
+        # q (B, Hq, D); kmin, kmax (B, Hkv, C, D); nonempty (B, C) bool; candidates: pages [0, pages);
+        # sel (B, Hkv, keep + 1) out: the keep best candidates in ascending order, then page ``pages``
+        b_n, hq, d_n = q.shape
+        h_n = kmin.shape[1]
+        g_n = hq // h_n
+        keep = sel.shape[2] - 1
         for bh in numba.prange(b_n * h_n):
             b, h = bh // h_n, bh % h_n
-            for p in range(p_n):
-                acc = q_pos[b, h, 0] * kmax[b, h, p, 0] + q_neg[b, h, 0] * kmin[b, h, p, 0]
-                for j in range(1, d_n):
-                    acc += q_pos[b, h, j] * kmax[b, h, p, j] + q_neg[b, h, j] * kmin[b, h, p, j]
-                out[b, h, p] = acc
+            q_pos = np.zeros(d_n, dtype=np.float32)
+            q_neg = np.zeros(d_n, dtype=np.float32)
+            for g in range(g_n):
+                for j in range(d_n):
+                    x = q[b, h * g_n + g, j]
+                    if x > 0:
+                        q_pos[j] += x
+                    else:
+                        q_neg[j] += x
+            bound = np.empty(pages, dtype=np.float32)
+            for p in range(pages):
+                acc = np.float32(0.0)
+                for j in range(d_n):
+                    acc += q_pos[j] * kmax[b, h, p, j] + q_neg[j] * kmin[b, h, p, j]
+                bound[p] = acc if (not padded or nonempty[b, p]) else -np.inf
+            c = 0
+            taken = np.zeros(pages, dtype=np.bool_)
+            if keep > 0:
+                cut = np.partition(bound, pages - keep)[pages - keep]  # the keep-th largest bound
+                ties = keep
+                for p in range(pages):
+                    if bound[p] > cut:
+                        ties -= 1
+                for p in range(pages):  # ascending page order: memory is read forwards
+                    if c < keep and (bound[p] > cut or (bound[p] == cut and ties > 0)):
+                        if bound[p] == cut:
+                            ties -= 1
+                        sel[b, h, c] = p
+                        taken[p] = True
+                        c += 1
+            p = 0
+            while c < keep:  # only with NaN bounds (they compare false): the first pages left, never out of range
+                if not taken[p]:
+                    sel[b, h, c] = p
+                    c += 1
+                p += 1
+            sel[b, h, keep] = pages
 
-    return bounds
+    return select
+
+
+@cache
+def _append_kernel() -> Any:
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def append(k_buf, v_buf, kmin, kmax, valid, nonempty, k, v, page, slot):  # type: ignore[no-untyped-def]  # pragma: no cover
+        # k_buf, v_buf (B, Hkv, C, S, D); kmin, kmax (B, Hkv, C, D); valid (B, C, S); nonempty (B, C);
+        # k, v (B, Hkv, D): one real token per sequence, written at (page, slot)
+        b_n, h_n, d_n = k.shape
+        for b in range(b_n):
+            valid[b, page, slot] = True
+            nonempty[b, page] = True
+            for h in range(h_n):
+                for j in range(d_n):
+                    x = k[b, h, j]
+                    k_buf[b, h, page, slot, j] = x
+                    v_buf[b, h, page, slot, j] = v[b, h, j]
+                    kmin[b, h, page, j] = min(kmin[b, h, page, j], x)
+                    kmax[b, h, page, j] = max(kmax[b, h, page, j], x)
+
+    return append
 
 
 @cache
@@ -115,16 +174,48 @@ def serves(q: torch.Tensor, k: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 and available()
 
 
-def page_bounds(
-    q_pos: torch.Tensor, q_neg: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, pages: int
+def select_pages(
+    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, nonempty: torch.Tensor | None, pages: int, keep: int
 ) -> torch.Tensor:
-    """``(B, Hkv, pages)``: ``q_pos . kmax + q_neg . kmin`` of the first ``pages`` pages, each bound
-    row read once. ``q_pos``, ``q_neg`` ``(B, Hkv, D)`` (the group-summed positive / negative parts of
-    the query); ``kmin``, ``kmax`` ``(B, Hkv, C, D)`` contiguous."""
-    b, h, _ = q_pos.shape
-    out = torch.empty(b, h, pages, dtype=q_pos.dtype)
-    _bounds_kernel()(q_pos.contiguous().numpy(), q_neg.contiguous().numpy(), kmin.numpy(), kmax.numpy(), out.numpy())
-    return out
+    """Quest's selection in one pass over the page bounds: ``(B, Hkv, keep + 1)`` page indices, the
+    ``keep`` candidates among pages ``[0, pages)`` with the largest group-summed bound
+    ``sum_g sum_d max(q_gd kmin_d, q_gd kmax_d)`` in ascending order, then page ``pages`` (the
+    current one). ``q (B, Hq, 1, D)``; ``kmin``, ``kmax`` ``(B, Hkv, C, D)`` contiguous; ``nonempty
+    (B, C)`` bool (pages without a valid key score ``-inf``) or None when nothing is padded."""
+    b, hq, _, d = q.shape
+    sel = torch.empty(b, kmin.shape[1], keep + 1, dtype=torch.long)
+    flags = torch.ones(b, 1, dtype=torch.bool) if nonempty is None else nonempty.contiguous()
+    _select_kernel()(
+        q.reshape(b, hq, d).contiguous().numpy(),
+        kmin.numpy(),
+        kmax.numpy(),
+        flags.numpy(),
+        nonempty is not None,
+        int(pages),
+        sel.numpy(),
+    )
+    return sel
+
+
+def append_token(layer_buffers: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor, slot: int) -> None:
+    """Write one real token per sequence at token slot ``slot`` and widen its page's bounds in place.
+    ``layer_buffers``: ``(k, v, kmin, kmax, valid, nonempty)`` as :class:`~memfusion.kv.quest.QuestLayer`
+    keeps them; ``k``, ``v`` ``(B, Hkv, 1, D)``."""
+    kb, vb, kmin, kmax, valid, nonempty = layer_buffers
+    page, off = divmod(slot, kb.shape[3])
+    b, h, _, d = k.shape
+    _append_kernel()(
+        kb.numpy(),
+        vb.numpy(),
+        kmin.numpy(),
+        kmax.numpy(),
+        valid.numpy(),
+        nonempty.numpy(),
+        k.reshape(b, h, d).contiguous().numpy(),
+        v.reshape(b, h, d).contiguous().numpy(),
+        page,
+        off,
+    )
 
 
 def page_attention(

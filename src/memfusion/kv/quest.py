@@ -175,6 +175,9 @@ class QuestLayer(KVLayer):
         if -(-end // S) > self.cap:
             self._grow(-(-end // S))
         self.slots = end
+        if m == 1 and pageattn.serves(k, self.k) and bool(valid.all()):  # decode: one real token per sequence
+            pageattn.append_token((self.k, self.v, self.kmin, self.kmax, self.valid, self.nonempty), k, v, start)
+            return
         self.padded = self.padded or not bool(valid.all())
         self._flat(self.k)[:, :, start:end] = k
         self._flat(self.v)[:, :, start:end] = v
@@ -237,24 +240,25 @@ class QuestLayer(KVLayer):
         qg = q.view(b, h, hq // h, d)  # (B, Hkv, G, D)
         q_pos = qg.clamp_min(0).sum(dim=2, keepdim=True)  # (B, Hkv, 1, D)
         q_neg = qg.clamp_max(0).sum(dim=2, keepdim=True)  # (B, Hkv, 1, D)
-        if pageattn.serves(q, self.kmin):  # one pass over the bounds
-            bound = pageattn.page_bounds(q_pos.squeeze(2), q_neg.squeeze(2), self.kmin, self.kmax, pages)
-        else:
-            bound = torch.matmul(q_pos, self.kmax[:, :, :pages].transpose(-1, -2))  # (B, Hkv, 1, pages)
-            bound = (bound + torch.matmul(q_neg, self.kmin[:, :, :pages].transpose(-1, -2))).squeeze(2)
+        bound = torch.matmul(q_pos, self.kmax[:, :, :pages].transpose(-1, -2))  # (B, Hkv, 1, pages)
+        bound = (bound + torch.matmul(q_neg, self.kmin[:, :, :pages].transpose(-1, -2))).squeeze(2)  # (B, Hkv, pages)
         return torch.where(self.nonempty[:, None, :pages], bound, -INF) if self.padded else bound
 
     def _select_and_attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         b, h, S, d = self.batch, self.spec.num_kv_heads, self.cfg.page_size, self.spec.head_dim
         pages, budget, cap = self.num_pages, self.cfg.budget_pages, self.cap
         cur = pages - 1
-        current = torch.full((b, h, 1), cur, dtype=torch.long, device=q.device)  # (B, Hkv, 1)
-        if budget > 1:
-            top = torch.topk(self.page_scores(q, cur), budget - 1, dim=-1, sorted=False).indices  # (B, Hkv, k-1)
-            # Ascending page order: the gather reads memory forwards; the current page stays last.
-            sel = torch.cat([top.sort(dim=-1).values, current], dim=-1)  # (B, Hkv, k)
+        in_place = pageattn.serves(q, self.k)
+        if in_place:  # bounds, top pages and their order in one pass (the same choice as below)
+            sel = pageattn.select_pages(
+                q, self.kmin, self.kmax, self.nonempty if self.padded else None, cur, budget - 1
+            )
         else:
-            sel = current
+            sel = torch.full((b, h, 1), cur, dtype=torch.long, device=q.device)  # (B, Hkv, 1): the current page
+            if budget > 1:
+                top = torch.topk(self.page_scores(q, cur), budget - 1, dim=-1, sorted=False).indices  # (B, Hkv, k-1)
+                # Ascending page order: the gather reads memory forwards; the current page stays last.
+                sel = torch.cat([top.sort(dim=-1).values, sel], dim=-1)  # (B, Hkv, k)
         mask = None  # every selected slot is a real token, except unwritten slots of the current page
         tail = -self.slots % S  # unwritten slots at the end of the current page (the last selected)
         if self.padded:
@@ -267,7 +271,7 @@ class QuestLayer(KVLayer):
         self.last_selection = sel
         if self.cfg.oracle_recall:
             self._oracle(q, sel, scaling)
-        if pageattn.serves(q, self.k):  # the selected pages read in place, once
+        if in_place:  # the selected pages read in place, once
             return pageattn.page_attention(q, self.k, self.v, sel, S - tail, scaling, mask)
         rows = sel + (torch.arange(b * h, device=q.device) * cap).view(b, h, 1)  # rows of a (B*Hkv*C) view
         rows = rows.view(-1)  # (B*Hkv*k,)
