@@ -79,7 +79,7 @@ Key = Annotated[str, Field(min_length=1, max_length=MAX_KEY_CHARS, pattern=KEY_P
 FieldName = Annotated[str, Field(pattern=FIELD_PATTERN)]
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_BYTES, pattern=NOT_BLANK)]
 Reason = Annotated[str, Field(max_length=MAX_REASON_CHARS)]
-Seconds = Annotated[float, Field(gt=0, le=MAX_TTL_S, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(strict=True, gt=0, le=MAX_TTL_S, allow_inf_nan=False)]  # strict: true is no number
 Metadata = dict[FieldName, Any]
 Task = Literal["chat", "document", "code", "agent", "knowledge"]
 """The router's ``TASK_TYPES`` (a test keeps the two in step)."""
