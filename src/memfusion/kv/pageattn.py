@@ -1,15 +1,18 @@
-"""Decode attention over selected pages, read in place (quest's CPU kernel).
+"""Quest's CPU decode step as numba kernels: select pages, attend to them in place, append a token.
 
-Quest's torch path gathers the selected pages into a contiguous buffer, then attends over it:
-each selected K/V byte is read, written and read again. This kernel computes the same softmax
-attention reading every selected key and value exactly once, straight from the page-major
-buffers: per KV head, the logits of its ``G`` query heads over the selected pages, a max-shifted
-softmax, then the probability-weighted sum of the values. It is compiled by numba (``parallel``
-over sequences x KV heads, ``fastmath`` so the ``D``-wide dot products vectorise) the first time
-it runs; ``cache=True`` keeps the machine code between processes.
+Quest's torch path scores pages with a few small ops, gathers the selected pages into a
+contiguous buffer, then attends over it: each selected K/V byte is read, written and read again.
+Here :func:`select_pages` computes the page bounds and picks the top pages in one pass,
+:func:`page_attention` computes the same softmax attention reading every selected key and value
+exactly once, straight from the page-major buffers (per KV head: the logits of its ``G`` query
+heads, a max-shifted softmax, the probability-weighted sum of the values), and
+:func:`append_token` writes a decode step's token and widens its page's bounds in place. They are
+compiled by numba (``parallel`` over sequences x KV heads, ``fastmath`` so the ``D``-wide dot
+products vectorise) the first time they run (about 20 s); ``cache=True`` keeps the machine code
+between processes.
 
-It serves float32 CPU tensors; quest keeps its gather path for other dtypes, CUDA tensors and
-when numba is not installed (:func:`available`).
+They serve float32 CPU tensors (:func:`serves`); quest keeps its torch path for other dtypes,
+CUDA tensors and when numba is not installed.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @cache
-def _kernel() -> Any:
+def _attend_kernel() -> Any:
     import numba
     import numpy as np
 
@@ -161,7 +164,7 @@ def _append_kernel() -> Any:
 
 @cache
 def available() -> bool:
-    """numba is installed (the kernel can be compiled)."""
+    """numba is installed (the kernels can be compiled)."""
     try:
         import numba  # noqa: F401
     except ImportError:
@@ -170,7 +173,7 @@ def available() -> bool:
 
 
 def serves(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """The kernel handles these tensors: float32 on the CPU, numba installed."""
+    """The kernels handle these tensors: float32 on the CPU, numba installed."""
     return q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 and available()
 
 
@@ -238,7 +241,7 @@ def page_attention(
     b, hq, _, d = q.shape
     out = torch.empty(b, hq, d, dtype=q.dtype)
     none = torch.zeros(0, 0, 0, dtype=torch.bool)
-    _kernel()(
+    _attend_kernel()(
         q.reshape(b, hq, d).contiguous().numpy(),
         k.numpy(),
         v.numpy(),
