@@ -11,7 +11,6 @@ import time
 import pytest
 
 from memfusion.engine import Engine
-from memfusion.models.reference import load
 from memfusion.models.tokenizer import FILLER_ADJECTIVES, FILLER_NOUNS, FILLER_VERBS, format_question
 
 BUDGET_MB = 1.0  # 256 tokens of the reference model's KV (4 layers x 2 KV heads x 64 x K and V x 4 bytes)
@@ -29,19 +28,14 @@ def document(tokens: int, seed: int = 0) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference():  # type: ignore[no-untyped-def]
-    return load()
-
-
-@pytest.fixture(scope="module")
-def doc(reference) -> str:  # type: ignore[no-untyped-def]
+def doc(reference_model) -> str:  # type: ignore[no-untyped-def]
     text = document(2000)
-    assert len(reference[1](text).input_ids) > 4 * BUDGET_MB * 1024 * 1024 / 4096  # 4x what the budget holds
+    assert len(reference_model[1](text).input_ids) > 4 * BUDGET_MB * 1024 * 1024 / 4096  # 4x what the budget holds
     return text
 
 
-def test_facts_only_in_the_store_are_answered_within_the_budget(reference, store, doc) -> None:  # type: ignore[no-untyped-def]
-    model, tok = reference
+def test_facts_only_in_the_store_are_answered_within_the_budget(reference_model, store, doc) -> None:  # type: ignore[no-untyped-def]
+    model, tok = reference_model
     eng = Engine(model, tok, store=store, memory_budget_mb=BUDGET_MB)
     baseline = Engine(model, tok, store=store, memory_budget_mb=BUDGET_MB)
     for key, value in FACTS.items():
@@ -61,8 +55,8 @@ def test_facts_only_in_the_store_are_answered_within_the_budget(reference, store
     assert base_right == 0
 
 
-def test_an_answer_in_the_context_needs_no_retrieval(reference, store, doc) -> None:  # type: ignore[no-untyped-def]
-    model, tok = reference
+def test_an_answer_in_the_context_needs_no_retrieval(reference_model, store, doc) -> None:  # type: ignore[no-untyped-def]
+    model, tok = reference_model
     eng = Engine(model, tok, store=store)
     eng.remember("ctx", "vivid otter is 1111")  # a stale value the context contradicts
     prompt = doc[:2000] + " <facts>\nvivid otter <v> 5309\n</facts>\n\n" + format_question("vivid otter")
@@ -71,8 +65,8 @@ def test_an_answer_in_the_context_needs_no_retrieval(reference, store, doc) -> N
     assert out.text.strip() == "5309"
 
 
-def test_updates_and_time_travel_change_the_answer(reference, store, doc) -> None:  # type: ignore[no-untyped-def]
-    model, tok = reference
+def test_updates_and_time_travel_change_the_answer(reference_model, store, doc) -> None:  # type: ignore[no-untyped-def]
+    model, tok = reference_model
     eng = Engine(model, tok, store=store, memory_budget_mb=BUDGET_MB)
     first = eng.remember("upd", "swift panda is 7305")
     prompt = doc + "\n" + format_question("swift panda")

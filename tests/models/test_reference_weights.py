@@ -5,21 +5,14 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import pytest
-
 from memfusion.bench.tasks.ruler import FactsInText, NiahSingle
-from memfusion.models.reference import WEIGHTS_DIR, load, training_record
+from memfusion.models.reference import WEIGHTS_DIR, training_record
 from memfusion.models.reference_train import DEFAULT_STAGES, evaluate
 from memfusion.models.tokenizer import vocabulary
 
 
-@pytest.fixture(scope="module")
-def reference():  # type: ignore[no-untyped-def]
-    return load()
-
-
-def test_the_shipped_model_is_a_small_gqa_llama_with_the_tagged_tokenizer(reference) -> None:  # type: ignore[no-untyped-def]
-    model, tok = reference
+def test_the_shipped_model_is_a_small_gqa_llama_with_the_tagged_tokenizer(reference_model) -> None:  # type: ignore[no-untyped-def]
+    model, tok = reference_model
     cfg = model.config
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training
     assert cfg.num_hidden_layers >= 4 and cfg.num_key_value_heads < cfg.num_attention_heads
@@ -35,10 +28,10 @@ def test_the_record_is_the_default_recipe_run_to_its_end() -> None:
     assert record["stages_done"] == len(DEFAULT_STAGES) == len(record["stage_steps"])
 
 
-def test_the_shipped_model_retrieves(reference) -> None:  # type: ignore[no-untyped-def]
+def test_the_shipped_model_retrieves(reference_model) -> None:  # type: ignore[no-untyped-def]
     """A few benchmark samples (greedy, exact match): NIAH in an essay at 1K, and one fact in the
     engine's format inside an essay (with several facts in a block it does not pick the asked key
     yet: see the README)."""
-    model, tok = reference
+    model, tok = reference_model
     assert evaluate(model, tok, NiahSingle(), 1024, 8, seed=0) >= 7 / 8
     assert evaluate(model, tok, FactsInText(n_facts=1), 1024, 8, seed=0) >= 6 / 8

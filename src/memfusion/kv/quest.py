@@ -175,10 +175,11 @@ class QuestLayer(KVLayer):
         if -(-end // S) > self.cap:
             self._grow(-(-end // S))
         self.slots = end
-        if m == 1 and pageattn.serves(k, self.k) and bool(valid.all()):  # decode: one real token per sequence
+        real = bool(valid.all())
+        if m == 1 and real and pageattn.serves(k, self.k):  # decode: one real token per sequence
             pageattn.append_token((self.k, self.v, self.kmin, self.kmax, self.valid, self.nonempty), k, v, start)
             return
-        self.padded = self.padded or not bool(valid.all())
+        self.padded = self.padded or not real
         self._flat(self.k)[:, :, start:end] = k
         self._flat(self.v)[:, :, start:end] = v
         self.valid.view(b, self.cap * S)[:, start:end] = valid
