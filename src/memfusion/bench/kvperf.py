@@ -102,6 +102,8 @@ class PolicyRow:
     attend_ms_layer: float | None  # median over decode steps of the mean over the layers a policy compresses
     attend_ms_mean: float  # mean over decode steps of the time summed over layers
     kv_read_gbps: float | None  # dense/paged: K/V bytes read per step / attention time
+    stream_copy_gbps: float | None  # dense/paged: STREAM copy measured just before this row (the machine's
+    # bandwidth moves by up to 2x within minutes here, so the read rate is compared with a neighbour)
     bytes_resident: int
     peak_bytes: int
     analytic_bytes: int
@@ -192,6 +194,8 @@ def _compressed_layers(policy: str, params: dict[str, Any], n_layers: int) -> li
 
 def run_policy(model: Any, ids: torch.Tensor, cfg: KVBenchConfig, policy: str, hf: Spread) -> PolicyRow:
     context = ids.shape[1]
+    reads_all = policy in ("dense", "paged")
+    stream = stream_copy_bandwidth() if reads_all else None
     params, chunk = cfg.params(policy, context)
     res = kv.generate(model, ids, policy, max_new_tokens=cfg.new_tokens, prefill_chunk=chunk, **params)
     steps = len(res.decode_seconds)
@@ -206,7 +210,7 @@ def run_policy(model: Any, ids: torch.Tensor, cfg: KVBenchConfig, policy: str, h
     attend_mean = sum(cache.decode_attend_seconds) / steps if steps else float("nan")
     decode = Spread.of(res.decode_seconds)
     kv_read = None
-    if policy in ("dense", "paged") and steps:
+    if reads_all and steps:
         # Each decode step of a layer reads every resident K and V once.
         per_layer_bytes = res.stats.bytes_resident / cache.spec.num_layers
         kv_read = per_layer_bytes / (attend_total / cache.spec.num_layers) / 1e9
@@ -224,6 +228,7 @@ def run_policy(model: Any, ids: torch.Tensor, cfg: KVBenchConfig, policy: str, h
         attend_ms_mean=attend_mean * 1e3,
         attend_ms_layer=None if attend_sel is None else attend_sel * 1e3,
         kv_read_gbps=kv_read,
+        stream_copy_gbps=stream,
         bytes_resident=s.bytes_resident,
         peak_bytes=s.peak_bytes,
         analytic_bytes=analytic,

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from memfusion.errors import InvalidInput
+from memfusion.kv import decodeattn
 from memfusion.kv.attention import attention_logits, merge_partials, partial_attention
 from memfusion.kv.policy import KVLayer, PolicyConfig, require_int
 from memfusion.kv.pool import PagePool
@@ -240,7 +241,19 @@ class PagedLayer(KVLayer):
         if len(parts) == 1:  # one run, read in place (every query sees at least key 0)
             keys, vals, mask = parts[0]
             g = hq // hkv
-            if tq == 1 and mask is None:  # decode: the dense layer's kernel, on the strided view
+            if tq == 1 and mask is None and decodeattn.serves(q, kp):  # decode: the dense layer's kernel, in place
+                first = r.runs[0][0]
+                flat = kp.shape[1] * ps
+                out = decodeattn.decode_attention(
+                    q.unsqueeze(0),  # (1, Hq, 1, D)
+                    kp.view(1, hkv, flat, d),  # (1, Hkv, slots, D): the run is slots [first*ps, +count)
+                    vp.view(1, hkv, flat, d),
+                    first * ps,
+                    keys.shape[1],
+                    scaling,
+                )
+                return out.view(hq, 1, d)
+            if tq == 1 and mask is None:  # decode on other devices / dtypes: torch ops on the strided view
                 qg = q.reshape(hkv, g, d)  # (Hkv, G, D)
                 probs = torch.softmax(attention_logits(qg, keys, scaling, None), dim=-1)  # (Hkv, G, N)
                 return torch.matmul(probs, vals).reshape(hq, 1, d)

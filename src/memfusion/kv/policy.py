@@ -20,6 +20,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from memfusion.errors import InvalidInput
+from memfusion.kv import decodeattn
 from memfusion.kv.attention import attention_with_probs, grouped_attention
 from memfusion.kv.spec import ModelSpec
 from memfusion.kv.stats import LayerStats
@@ -308,6 +309,11 @@ class EvictingLayer(KVLayer):
         mask = None if bool(resident_valid.all()) else resident_valid
         if self.uses_probs:
             out, probs = attention_with_probs(q, st["k"], st["v"], scaling, mask, kb, causal_tail=tq)
+        elif tq == 1 and kb is None and decodeattn.serves(q, st.fields["k"]):
+            # decode: every resident K/V read once, in place, split over the cores
+            full_mask = None if mask is None else st.fields["valid"]
+            out = decodeattn.decode_attention(q, st.fields["k"], st.fields["v"], 0, st.n, scaling, full_mask)
+            probs = None
         else:
             out, probs = grouped_attention(q, st["k"], st["v"], scaling, mask, kb, causal_tail=tq), None
         self.observe(probs, tq)

@@ -1,0 +1,92 @@
+"""The dense decode kernel against brute-force softmax attention over the keys the test fed in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memfusion.kv as kv
+from memfusion.kv import decodeattn
+from tests.kv.conftest import prompts
+
+pytestmark = pytest.mark.skipif(not decodeattn.available(), reason="numba is a dependency; the kernel needs it")
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Literal float64 attention: ``q (B, Hq, D)``, ``k``/``v`` ``(B, Hkv, n, D)``, ``allowed (B, Hkv, n)``."""
+    b, hq, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    out = torch.zeros(b, hq, d, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            kh = h // (hq // hkv)
+            logits = (k[bi, kh].double() @ q[bi, h].double()) * scaling  # (n,)
+            logits = logits.masked_fill(~allowed[bi, kh], float("-inf"))
+            out[bi, h] = torch.softmax(logits, dim=0) @ v[bi, kh].double()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("b", "hq", "hkv", "d", "cap", "start", "n", "chunk"),
+    [
+        (1, 8, 2, 64, 4096, 0, 4096, 512),  # whole buffer, chunks divide it
+        (2, 4, 2, 16, 3000, 0, 2999, 512),  # a ragged last chunk, a spare slot
+        (1, 4, 1, 8, 64, 10, 37, 16),  # an offset run inside the buffer (paged)
+        (1, 2, 2, 8, 8, 0, 1, 512),  # one key
+        (3, 6, 3, 5, 300, 0, 300, 7),  # odd head dim, many small chunks
+    ],
+)
+def test_matches_brute_force(b: int, hq: int, hkv: int, d: int, cap: int, start: int, n: int, chunk: int) -> None:
+    g = torch.Generator().manual_seed(b * 1000 + n)
+    q = torch.randn(b, hq, 1, d, generator=g)
+    k = torch.randn(b, hkv, cap, d, generator=g) * 3
+    v = torch.randn(b, hkv, cap, d, generator=g)
+    out = decodeattn.decode_attention(q, k, v, start, n, 0.3, chunk=chunk)
+    assert out.shape == (b, 1, hq, d)
+    sl = slice(start, start + n)
+    ref = _reference(q[:, :, 0], k[:, :, sl], v[:, :, sl], torch.ones(b, hkv, n, dtype=torch.bool), 0.3)
+    torch.testing.assert_close(out[:, 0].double(), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_masked_keys_are_left_out_and_the_own_key_always_attended() -> None:
+    g = torch.Generator().manual_seed(7)
+    b, hq, hkv, d, n = 2, 4, 2, 16, 700
+    q = torch.randn(b, hq, 1, d, generator=g)
+    k = torch.randn(b, hkv, n, d, generator=g)
+    v = torch.randn(b, hkv, n, d, generator=g)
+    mask = torch.rand(b, hkv, n, generator=g) > 0.5
+    mask[0, :, :600] = False  # whole chunks of row 0 masked (their partials must not count)
+    mask[1, :, -1] = False  # row 1's own key masked as padding: still attended (never an empty row)
+    out = decodeattn.decode_attention(q, k, v, 0, n, 0.125, mask, chunk=128)
+    allowed = mask.clone()
+    allowed[:, :, -1] = True
+    ref = _reference(q[:, :, 0], k, v, allowed, 0.125)
+    torch.testing.assert_close(out[:, 0].double(), ref, atol=2e-5, rtol=1e-4)
+    # Only the own key left: the output is its value.
+    only_own = torch.zeros_like(mask)
+    solo = decodeattn.decode_attention(q, k, v, 0, n, 0.125, only_own, chunk=128)
+    torch.testing.assert_close(solo[:, 0], v[:, :, -1].repeat_interleave(hq // hkv, dim=1))
+
+
+def test_bad_ranges_and_strided_buffers_are_refused() -> None:
+    q = torch.randn(1, 2, 1, 4)
+    k = torch.randn(1, 2, 10, 4)
+    with pytest.raises(ValueError, match="inside a buffer"):
+        decodeattn.decode_attention(q, k, k, 5, 6, 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        decodeattn.decode_attention(q, k[:, :, :8], k[:, :, :8], 0, 8, 1.0)
+
+
+@pytest.mark.parametrize("policy", ["dense", "paged", "window"])
+def test_policies_decode_the_same_with_the_kernel_and_with_torch_ops(
+    policy: str, llama: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A left-padded batch through the kernel (float32 CPU) and through the torch ops it replaces."""
+    ids, mask = prompts(2, 40, seed=3, pad=17)
+    params = {"window": {"window": 16, "sinks": 2}}.get(policy, {})
+    fast = kv.generate(llama, ids, policy, attention_mask=mask, max_new_tokens=6, output_logits=True, **params)
+    monkeypatch.setattr(decodeattn, "serves", lambda q, k: False)
+    slow = kv.generate(llama, ids, policy, attention_mask=mask, max_new_tokens=6, output_logits=True, **params)
+    assert torch.equal(fast.sequences, slow.sequences)
+    assert fast.logits is not None and slow.logits is not None
+    torch.testing.assert_close(fast.logits, slow.logits, atol=1e-4, rtol=1e-4)
