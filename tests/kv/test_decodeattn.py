@@ -12,10 +12,12 @@ from tests.kv.conftest import prompts
 pytestmark = pytest.mark.skipif(not decodeattn.available(), reason="numba is a dependency; the kernel needs it")
 
 
-def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+def _reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scaling: float
+) -> torch.Tensor:
     """Literal float64 attention: ``q (B, Hq, D)``, ``k``/``v`` ``(B, Hkv, n, D)``, ``allowed (B, Hkv, n)``."""
     b, hq, d = q.shape
-    hkv, n = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     out = torch.zeros(b, hq, d, dtype=torch.float64)
     for bi in range(b):
         for h in range(hq):
