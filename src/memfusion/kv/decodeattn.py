@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from memfusion.kv.pageattn import _FAST, available
+from memfusion.kv.kernels import FAST, available, exp_kernel
 
 _NO_MASK = torch.zeros(0, 0, 0, dtype=torch.bool).numpy()
 """The kernels' "no mask" argument (an empty array keeps one compiled signature)."""
@@ -35,49 +35,13 @@ context gives 64 tasks per KV head, plenty to balance two cores."""
 
 
 @cache
-def _exp_kernel() -> Any:
-    import numba
-    import numpy as np
-
-    @numba.njit(fastmath=_FAST, cache=True, nogil=True)
-    def exp_shifted(x, bits):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
-        # x (n,) float32 logits minus their max (<= 0, or -inf for a masked key) -> exp(x) in place,
-        # exactly 0 for -inf; bits (n,) int32 scratch. libm's expf is a call per element (numba's
-        # llvmlite has no SVML); this is branch-free so both loops vectorise: exp(x) = 2^m * 2^f with
-        # t = x log2(e), m = round(t), f = t - m in [-1/2, 1/2], 2^f by its degree-7 Taylor polynomial
-        # (truncation < 1e-8), 2^m written as float bits. t is clamped at -126 (2^-126 ~ 1.2e-38, so
-        # weights below that are not subnormal but still negligible against the max's weight 1).
-        # Max relative error 3.5e-6, from t's float32 rounding at t ~ -126; ~1e-7 for t > -1.
-        scale = bits.view(np.float32)
-        for i in range(x.shape[0]):
-            xi = x[i]
-            t = max(xi * np.float32(1.4426950408889634), np.float32(-126.0))
-            m = np.floor(t + np.float32(0.5))
-            f = t - m
-            p = np.float32(1.5252733804059840e-05)  # ln(2)^k / k!, k = 7 .. 0
-            p = p * f + np.float32(1.5403530393381608e-04)
-            p = p * f + np.float32(1.3333558146428443e-03)
-            p = p * f + np.float32(9.6181291076284770e-03)
-            p = p * f + np.float32(5.5504108664821580e-02)
-            p = p * f + np.float32(2.4022650695910071e-01)
-            p = p * f + np.float32(6.9314718055994531e-01)
-            p = p * f + np.float32(1.0)
-            x[i] = p if xi > -np.inf else np.float32(0.0)
-            bits[i] = (np.int32(m) + np.int32(127)) << np.int32(23)  # the float 2^m
-        for i in range(x.shape[0]):
-            x[i] *= scale[i]
-
-    return exp_shifted
-
-
-@cache
 def _split_kernel() -> Any:
     import numba
     import numpy as np
 
-    exp_shifted = _exp_kernel()
+    exp_shifted = exp_kernel()
 
-    @numba.njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
+    @numba.njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
     def split(q, k, v, start, n, mask, scaling, chunk, part_m, part_l, part_o):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
         # q (B, Hq, D); k, v (B, Hkv, N_cap, D) contiguous; the keys are slots [start, start + n),
         # slot start + n - 1 (the query's own) always attended; mask (B, Hkv, N_cap) bool or (0, 0, 0);
@@ -142,7 +106,7 @@ def _merge_kernel() -> Any:
     import numba
     import numpy as np
 
-    @numba.njit(fastmath=_FAST, cache=True, nogil=True)
+    @numba.njit(fastmath=FAST, cache=True, nogil=True)
     def merge(part_m, part_l, part_o, out):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
         # part_m, part_l (B, Hkv, P, G); part_o (B, Hkv, P, G, D); out (B, Hq, D), Hq = Hkv * G
         b_n, h_n, p_n, g_n = part_m.shape

@@ -22,8 +22,7 @@ from typing import Any
 
 import torch
 
-_FAST = {"reassoc", "contract", "nsz", "arcp"}
-"""fastmath without ``nnan``/``ninf``: masked slots are ``-inf`` logits."""
+from memfusion.kv.kernels import FAST, available, exp_kernel
 
 
 @cache
@@ -31,7 +30,9 @@ def _attend_kernel() -> Any:
     import numba
     import numpy as np
 
-    @numba.njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
+    exp_shifted = exp_kernel()
+
+    @numba.njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
     def attend(q, k, v, sel, last, mask, scaling, out):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
         # q (B, Hq, D); k, v (B, Hkv, C, S, D); sel (B, Hkv, P) page indices, the current page last;
         # last: valid slots of the current page; mask (B, Hkv, P*S) bool or (0, 0, 0); out (B, Hq, D)
@@ -57,15 +58,16 @@ def _attend_kernel() -> Any:
                         for j in range(d_n):
                             acc += q[b, h * g_n + g, j] * k[b, h, page, s, j]
                         logits[g, i] = acc * scaling
+            bits = np.empty(p_n * s_n, dtype=np.int32)
             for g in range(g_n):
-                top = logits[g].max()
-                total = np.float32(0.0)
+                row = logits[g]
+                top = row.max()
                 for i in range(p_n * s_n):
-                    e = np.exp(logits[g, i] - top)
-                    logits[g, i] = e
-                    total += e
+                    row[i] -= top
+                exp_shifted(row, bits)
+                total = row.sum()
                 for i in range(p_n * s_n):
-                    logits[g, i] /= total
+                    row[i] /= total
                 for j in range(d_n):
                     out[b, h * g_n + g, j] = 0.0
             for p in range(p_n):
@@ -88,7 +90,7 @@ def _select_kernel() -> Any:
     import numba
     import numpy as np
 
-    @numba.njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
+    @numba.njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
     def select(q, kmin, kmax, nonempty, padded, pages, sel):  # type: ignore[no-untyped-def]  # pragma: no cover
         # q (B, Hq, D); kmin, kmax (B, Hkv, C, D); nonempty (B, C) bool; candidates: pages [0, pages);
         # sel (B, Hkv, keep + 1) out: the keep best candidates in ascending order, then page ``pages``
@@ -160,16 +162,6 @@ def _append_kernel() -> Any:
                     kmax[b, h, page, j] = max(kmax[b, h, page, j], x)
 
     return append
-
-
-@cache
-def available() -> bool:
-    """numba is installed (the kernels can be compiled)."""
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def serves(q: torch.Tensor, k: torch.Tensor) -> bool:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from memfusion.bench.recipes.base import need
 from memfusion.bench.recipes.baselines import DKT, DKTConfig
 from memfusion.bench.recipes.kt_bayes import bayes_predictions
-from memfusion.bench.tasks.tracing import KTSequences, Synthetic5, auc, load_assistments
+from memfusion.bench.tasks.tracing import KTSequences, Synthetic5, auc, load_assistments, load_three_line
 from memfusion.bench.train import Problem
 from memfusion.neural.dkvmn import DKVMN, DKVMNConfig
 
@@ -36,13 +36,17 @@ _EVAL_CHUNK = 512  # test rows run at once
 
 @dataclasses.dataclass(frozen=True)
 class TracingOptions:
-    """data: an ASSISTments CSV (required by the ``assistments`` task, unused by ``synthetic5``);
+    """data: an ASSISTments CSV (required by the ``assistments`` task); with ``synthetic5``, a
+    training file in the three-line layout (the DKVMN release's ``naive_c5_q50_s4000_v0_train.csv``)
+    read instead of generating the data, with ``test_data`` its test file (both or neither; no
+    ``bayes_auc`` / ``oracle_auc`` then: the released files carry no generator parameters);
     students: Synthetic-5 students per split; max_length: ASSISTments rows are cut to this many
     interactions; test_fraction: ASSISTments students held out. DKVMN: memory_size ``N``, key_size
     ``d_k``, value_size ``d_v``, summary_size. DKT: hidden_size (LSTM units). bayes_reference: compute
     ``bayes_auc`` on Synthetic-5 (about half a minute for 2,000 test students)."""
 
     data: Path | None = None
+    test_data: Path | None = None
     students: int = 2000
     max_length: int = 200
     test_fraction: float = 0.3
@@ -62,6 +66,16 @@ class TracingOptions:
 
 def load_data(task: str, options: TracingOptions) -> tuple[KTSequences, KTSequences, dict[str, float]]:
     """(train, test, reference AUCs) of ``task`` (``synthetic5`` or ``assistments``: no references)."""
+    if task == "synthetic5" and (options.data is not None or options.test_data is not None):
+        need(
+            options.data is not None and options.test_data is not None,
+            "Synthetic-5 from files needs both data=TRAIN and test_data=TEST (three-line layout)",
+        )
+        assert options.data is not None and options.test_data is not None
+        train = load_three_line(options.data, max_length=options.max_length)
+        test = load_three_line(options.test_data, max_length=options.max_length)
+        names = max(train.question_names, test.question_names, key=len)  # question k is id k + 1 in both
+        return dataclasses.replace(train, question_names=names), dataclasses.replace(test, question_names=names), {}
     if task == "synthetic5":
         gen = Synthetic5(n_train=options.students, n_test=options.students, seed=0)
         data = gen.generate()

@@ -16,7 +16,9 @@ at the end.
   (``chrispiech/DeepKnowledgeTracing``, ``data/synthetic/naive_c5_q50_s4000_v0.csv``): a general
   ability shared by the concepts plus a deviation per concept, and slow learning (see
   :class:`Synthetic5`).
-- :func:`load_assistments` reads the public ASSISTments ``skill_builder_data.csv`` layout.
+- :func:`load_assistments` reads the public ASSISTments ``skill_builder_data.csv`` layout;
+  :func:`load_three_line` the three-line layout of the DKVMN release and pykt (its Synthetic-5
+  train / test splits among them).
 - :func:`auc` is the ROC AUC by ranks (Mann-Whitney U, ties counted one half).
 """
 
@@ -271,6 +273,54 @@ def load_assistments(path: str | Path, max_length: int = 200, min_length: int = 
         pieces.extend((student, seq[i : i + max_length]) for i in range(0, len(seq), max_length))
     pieces = [(s, p) for s, p in pieces if len(p) >= min_length]
     _need(bool(pieces), f"{file}: no student has a sequence of at least min_length = {min_length} interactions")
+    return _padded(pieces, tuple(skills))
+
+
+def load_three_line(path: str | Path, max_length: int = 200, min_length: int = 2) -> KTSequences:
+    """Sequences from a file in the three-line layout of the DKVMN release and pykt (``assist2009``,
+    ``synthetic``, ...): per student a line with the number of interactions ``L``, a line of ``L``
+    comma-separated question ids (1-based), a line of ``L`` responses (0 or 1); trailing commas and
+    blank lines are allowed. Question ids keep their numbers (id ``k`` -> question ``k - 1``; the
+    number of questions is the largest id), so a training and a test file agree; a student's
+    history is cut into pieces of ``max_length``, pieces shorter than ``min_length`` dropped.
+    """
+    _need(max_length >= 1, f"max_length must be >= 1, got {max_length}")
+    _need(1 <= min_length <= max_length, f"min_length must lie in [1, max_length], got {min_length}")
+    file = Path(path)
+    _need(file.is_file(), f"knowledge-tracing file {file} does not exist")
+    lines = [line.strip().rstrip(",") for line in _open_text(file).splitlines()]
+    lines = [line for line in lines if line]
+    _need(
+        len(lines) % 3 == 0 and lines,
+        f"{file}: {len(lines)} non-empty lines; the three-line layout has a multiple of 3 (length, questions, answers)",
+    )
+    pieces: list[tuple[int, list[tuple[int, int]]]] = []
+    top = 0
+    for student in range(len(lines) // 3):
+        at = 3 * student + 1  # 1-based line number of the length line (blank lines aside)
+        try:
+            length = int(lines[3 * student])
+            qs = [int(x) for x in lines[3 * student + 1].split(",")]
+            rs = [int(float(x)) for x in lines[3 * student + 2].split(",")]
+        except ValueError:
+            raise InvalidInput(f"{file}: student {student} (record line {at}) has a non-number field") from None
+        _need(
+            len(qs) == len(rs) == length,
+            f"{file}: student {student} (record line {at}) says {length} interactions but lists "
+            f"{len(qs)} questions and {len(rs)} answers",
+        )
+        _need(min(qs, default=1) >= 1, f"{file}: student {student}: question ids start at 1")
+        _need(set(rs) <= {0, 1}, f"{file}: student {student}: answers must be 0 or 1")
+        top = max(top, max(qs, default=0))
+        seq = [(q - 1, r) for q, r in zip(qs, rs, strict=True)]
+        pieces.extend((student, seq[i : i + max_length]) for i in range(0, len(seq), max_length))
+    pieces = [(s, p) for s, p in pieces if len(p) >= min_length]
+    _need(bool(pieces), f"{file}: no student has a sequence of at least min_length = {min_length} interactions")
+    return _padded(pieces, tuple(str(i + 1) for i in range(top)))
+
+
+def _padded(pieces: list[tuple[int, list[tuple[int, int]]]], names: tuple[str, ...]) -> KTSequences:
+    """:class:`KTSequences` of ``(student, [(question, response), ...])`` pieces, padded at the end."""
     t = max(len(p) for _, p in pieces)
     questions = torch.zeros(len(pieces), t, dtype=torch.long)
     responses = torch.zeros(len(pieces), t, dtype=torch.long)
@@ -280,7 +330,7 @@ def load_assistments(path: str | Path, max_length: int = 200, min_length: int = 
         responses[i, : len(p)] = torch.tensor([r for _, r in p])
         mask[i, : len(p)] = True
     students = torch.tensor([s for s, _ in pieces], dtype=torch.long)
-    return KTSequences(questions, responses, mask, students, tuple(skills))
+    return KTSequences(questions, responses, mask, students, names)
 
 
 def auc(scores: Any, labels: Any) -> float:
