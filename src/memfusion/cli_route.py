@@ -77,7 +77,7 @@ def calibrate(
     questions: Annotated[int, typer.Option(help="Validation questions (half about stored facts).")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the validation set.")] = 0,
 ) -> None:
-    """Fit the retrieval threshold on a generated validation set and write the table with it."""
+    """Fit the retrieval threshold and margin on a generated validation set and write the table with them."""
     import tempfile
 
     from memfusion.engine.calibrate import calibrate as fit
@@ -89,15 +89,17 @@ def calibrate(
         with tempfile.TemporaryDirectory() as tmp:
             opened = open_store(store if store is not None else f"sqlite:///{tmp}/calibration.db")
             try:
-                cal = fit(opened, "calibration", facts, questions, seed)
+                cal, mar = fit(opened, "calibration", facts, questions, seed, base.retrieval.k)
             finally:
                 opened.close()
-        out.write_text(base.with_min_score(round(cal.threshold, 4)).to_toml())
+        out.write_text(base.with_retrieval(min_score=round(cal.threshold, 4), margin=round(mar.margin, 4)).to_toml())
     except MemfusionError as exc:
         raise _fail(exc) from None
     Console().print(
         f"min_score = {cal.threshold:.4f}: balanced accuracy {cal.balanced_accuracy:.3f} "
         f"(true positives {cal.true_positive_rate:.3f} of {cal.n_positive}, true negatives "
-        f"{cal.true_negative_rate:.3f} of {cal.n_negative}); table written to {out}",
+        f"{cal.true_negative_rate:.3f} of {cal.n_negative}); margin = {mar.margin:.4f}: credit "
+        f"{mar.credit:.3f}, {mar.mean_kept:.2f} facts kept on average over {mar.n_questions} questions; "
+        f"table written to {out}",
         highlight=False,
     )

@@ -92,3 +92,27 @@ def test_policies_decode_the_same_with_the_kernel_and_with_torch_ops(
     assert torch.equal(fast.sequences, slow.sequences)
     assert fast.logits is not None and slow.logits is not None
     torch.testing.assert_close(fast.logits, slow.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("size", "pages", "last"), [(16, 70, 9), (16, 3, 16), (4, 300, 1), (512, 2, 100), (1000, 2, 7)]
+)
+def test_scattered_runs_match_brute_force(size: int, pages: int, last: int) -> None:
+    """Runs (quest's pages) scattered over the buffer in any order, several tasks per head, a mask."""
+    g = torch.Generator().manual_seed(size * pages)
+    b, hq, hkv, d, cap = 2, 4, 2, 16, pages + 5  # cap pages per head in a page-major buffer
+    q = torch.randn(b, hq, 1, d, generator=g)
+    k = torch.randn(b, hkv, cap, size, d, generator=g)
+    v = torch.randn(b, hkv, cap, size, d, generator=g)
+    sel = torch.stack([torch.randperm(cap, generator=g)[:pages] for _ in range(b * hkv)]).view(b, hkv, pages)
+    mask = torch.rand(b, hkv, pages * size, generator=g) > 0.3
+    mask[:, :, (pages - 1) * size] = True  # a key every row keeps
+    first = (torch.arange(b * hkv).view(b, hkv, 1) * cap + sel) * size
+    out = decodeattn.run_attention(q, k.view(-1, d), v.view(-1, d), first, size, last, 0.5, mask)
+    # the reference: the selected pages gathered in order, the final one cut to `last` keys
+    idx = sel.view(b, hkv, pages, 1, 1).expand(b, hkv, pages, size, d)
+    keys = k.gather(2, idx).view(b, hkv, pages * size, d)[:, :, : (pages - 1) * size + last]
+    vals = v.gather(2, idx).view(b, hkv, pages * size, d)[:, :, : (pages - 1) * size + last]
+    allowed = mask[:, :, : (pages - 1) * size + last]
+    ref = _reference(q[:, :, 0], keys, vals, allowed, 0.5)
+    torch.testing.assert_close(out[:, 0].double(), ref, atol=2e-5, rtol=1e-4)

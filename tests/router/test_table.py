@@ -55,9 +55,10 @@ def test_bad_files(tmp_path: Path) -> None:
 
 
 def test_toml_round_trip(tmp_path: Path) -> None:
-    table = load_table().with_min_score(0.4321)
+    table = load_table().with_retrieval(min_score=0.4321, margin=0.0375)
     text = table.to_toml()
     again = parse_table(tomllib.loads(text))
     assert again.rules == table.rules
     assert again.retrieval.min_score == 0.4321
+    assert again.retrieval.margin == 0.0375
     assert isinstance(again, Table) and isinstance(again.rules[0], Rule)

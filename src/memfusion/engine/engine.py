@@ -204,7 +204,10 @@ class Engine:
         retrieve, _ = self.router.should_retrieve(base, signal)
         used: list[Hit] = []
         if retrieve:
-            floor = self.router.table.retrieval.min_score if self.router.store_mode(base) == "auto" else -1.0
+            settings = self.router.table.retrieval
+            floor = settings.min_score if self.router.store_mode(base) == "auto" else -1.0
+            if hits:  # facts near the best hit only: one that merely resembles the question misleads
+                floor = max(floor, hits[0].score - settings.margin)
             used = [h for h in hits if h.score >= floor] or hits[:1]
             facts = [
                 (

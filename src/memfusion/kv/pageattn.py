@@ -4,8 +4,8 @@ Quest's torch path scores pages with a few small ops, gathers the selected pages
 contiguous buffer, then attends over it: each selected K/V byte is read, written and read again.
 Here :func:`select_pages` computes the page bounds and picks the top pages in one pass,
 :func:`page_attention` computes the same softmax attention reading every selected key and value
-exactly once, straight from the page-major buffers (per KV head: the logits of its ``G`` query
-heads, a max-shifted softmax, the probability-weighted sum of the values), and
+exactly once, straight from the page-major buffers (the selected pages are the runs of
+:func:`memfusion.kv.decodeattn.run_attention`, split over the cores), and
 :func:`append_token` writes a decode step's token and widens its page's bounds in place. They are
 compiled by numba (``parallel`` over sequences x KV heads, ``fastmath`` so the ``D``-wide dot
 products vectorise) the first time they run (about 20 s); ``cache=True`` keeps the machine code
@@ -22,67 +22,8 @@ from typing import Any
 
 import torch
 
-from memfusion.kv.kernels import FAST, available, exp_kernel
-
-
-@cache
-def _attend_kernel() -> Any:
-    import numba
-    import numpy as np
-
-    exp_shifted = exp_kernel()
-
-    @numba.njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
-    def attend(q, k, v, sel, last, mask, scaling, out):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
-        # q (B, Hq, D); k, v (B, Hkv, C, S, D); sel (B, Hkv, P) page indices, the current page last;
-        # last: valid slots of the current page; mask (B, Hkv, P*S) bool or (0, 0, 0); out (B, Hq, D)
-        b_n, hq, d_n = q.shape
-        h_n, s_n = k.shape[1], k.shape[3]
-        g_n = hq // h_n
-        p_n = sel.shape[2]
-        masked = mask.shape[0] > 0
-        for bh in numba.prange(b_n * h_n):
-            b, h = bh // h_n, bh % h_n
-            logits = np.empty((g_n, p_n * s_n), dtype=np.float32)
-            for p in range(p_n):
-                page = sel[b, h, p]
-                n = s_n if p < p_n - 1 else last
-                for s in range(s_n):
-                    i = p * s_n + s
-                    if s >= n or (masked and not mask[b, h, i]):
-                        for g in range(g_n):
-                            logits[g, i] = -np.inf
-                        continue
-                    for g in range(g_n):
-                        acc = np.float32(0.0)
-                        for j in range(d_n):
-                            acc += q[b, h * g_n + g, j] * k[b, h, page, s, j]
-                        logits[g, i] = acc * scaling
-            bits = np.empty(p_n * s_n, dtype=np.int32)
-            for g in range(g_n):
-                row = logits[g]
-                top = row.max()
-                for i in range(p_n * s_n):
-                    row[i] -= top
-                exp_shifted(row, bits)
-                total = row.sum()
-                for i in range(p_n * s_n):
-                    row[i] /= total
-                for j in range(d_n):
-                    out[b, h * g_n + g, j] = 0.0
-            for p in range(p_n):
-                page = sel[b, h, p]
-                n = s_n if p < p_n - 1 else last
-                for s in range(n):
-                    i = p * s_n + s
-                    for g in range(g_n):
-                        w = logits[g, i]
-                        if w == 0.0:
-                            continue
-                        for j in range(d_n):
-                            out[b, h * g_n + g, j] += w * v[b, h, page, s, j]
-
-    return attend
+from memfusion.kv import decodeattn
+from memfusion.kv.kernels import FAST, available
 
 
 @cache
@@ -229,18 +170,9 @@ def page_attention(
     current page (its slots past ``last`` are left out); ``mask (B, Hkv, P*S)`` bool, False for
     slots to leave out (padding). Every attended row must keep at least one slot (the query's
     own). Returns ``(B, 1, Hq, D)``, the layout of :func:`memfusion.kv.attention.grouped_attention`.
+    The pages are runs of :func:`memfusion.kv.decodeattn.run_attention`.
     """
-    b, hq, _, d = q.shape
-    out = torch.empty(b, hq, d, dtype=q.dtype)
-    none = torch.zeros(0, 0, 0, dtype=torch.bool)
-    _attend_kernel()(
-        q.reshape(b, hq, d).contiguous().numpy(),
-        k.numpy(),
-        v.numpy(),
-        sel.contiguous().numpy(),
-        int(last),
-        (none if mask is None else mask.contiguous()).numpy(),
-        float(scaling),
-        out.numpy(),
-    )
-    return out.view(b, 1, hq, d)
+    b, h, c, s, d = k.shape
+    heads = torch.arange(b * h, dtype=torch.int64).view(b, h, 1) * c  # (B, Hkv, 1): each head's page 0
+    first = (heads + sel) * s  # (B, Hkv, P): the first row of each selected page in the (B*Hkv*C*S, D) view
+    return decodeattn.run_attention(q, k.view(-1, d), v.view(-1, d), first, s, last, scaling, mask)

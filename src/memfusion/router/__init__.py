@@ -3,17 +3,18 @@
 ``Router()`` reads the shipped table (``table.toml``); ``Router.from_spec("window")`` is a fixed
 strategy. ``router.route(Request(n_tokens, token_bytes, task, memory_budget_mb, ...), signal)``
 returns a :class:`Route` with the KV policy sized to the memory budget, whether the store pays,
-and the reasons. :mod:`memfusion.router.calibrate` fits the retrieval threshold.
+and the reasons. :mod:`memfusion.router.calibrate` fits the retrieval threshold and margin.
 """
 
 from __future__ import annotations
 
-from memfusion.router.calibrate import Calibration, fit_threshold
+from memfusion.router.calibrate import Calibration, MarginCalibration, fit_margin, fit_threshold
 from memfusion.router.route import Request, RetrievalSignal, Route, Router, estimate_task
 from memfusion.router.table import Rule, Table, load_table, parse_table
 
 __all__ = [
     "Calibration",
+    "MarginCalibration",
     "Request",
     "RetrievalSignal",
     "Route",
@@ -21,6 +22,7 @@ __all__ = [
     "Rule",
     "Table",
     "estimate_task",
+    "fit_margin",
     "fit_threshold",
     "load_table",
     "parse_table",

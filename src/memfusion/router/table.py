@@ -68,17 +68,22 @@ class Rule:
 
 @dataclass(frozen=True)
 class RetrievalSettings:
-    """When the store pays: the best hit's cosine similarity must reach ``min_score``; ``k`` facts
-    go into context."""
+    """When the store pays: the best hit's cosine similarity must reach ``min_score``; then the hits
+    among the best ``k`` whose similarity is within ``margin`` of the best one go into context (the
+    best always does). A fact that only resembles the question costs tokens and, for a model that
+    tells keys apart poorly, the answer: ``memfusion route calibrate`` fits ``margin`` too."""
 
     min_score: float = 0.5
     k: int = 4
+    margin: float = 2.0
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.min_score <= 1.0:
             raise InvalidInput(f"retrieval.min_score is a cosine similarity in [-1, 1], got {self.min_score}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= 64:
             raise InvalidInput(f"retrieval.k must be an integer in [1, 64], got {self.k!r}")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, int | float) or not 0 <= self.margin <= 2:
+            raise InvalidInput(f"retrieval.margin is a cosine-similarity difference in [0, 2], got {self.margin!r}")
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,9 @@ class Table:
         """The first rule that holds (the last one always does)."""
         return next(r for r in self.rules if r.matches(task, n_tokens, latency_ms))
 
-    def with_min_score(self, min_score: float) -> Table:
-        return replace(self, retrieval=replace(self.retrieval, min_score=min_score))
+    def with_retrieval(self, **settings: Any) -> Table:
+        """The table with some :class:`RetrievalSettings` fields replaced (``min_score=``, ``margin=``)."""
+        return replace(self, retrieval=replace(self.retrieval, **settings))
 
     def to_toml(self) -> str:
         """The table as TOML (what :func:`load_table` reads back)."""
@@ -107,6 +113,7 @@ class Table:
             "[retrieval]",
             f"min_score = {self.retrieval.min_score!r}",
             f"k = {self.retrieval.k}",
+            f"margin = {self.retrieval.margin!r}",
         ]
         for r in self.rules:
             lines += ["", "[[rule]]", f'task = "{r.task}"']
@@ -140,8 +147,8 @@ def parse_table(data: dict[str, Any], source: str = "<memory>") -> Table:
             raise InvalidInput(f"router table {source}: rule {i} has unknown fields {sorted(extra)}")
         rules.append(Rule(**{**raw, "fallbacks": tuple(raw.get("fallbacks", ()))}))
     retrieval = data.get("retrieval", {})
-    if not isinstance(retrieval, dict) or set(retrieval) - {"min_score", "k"}:
-        raise InvalidInput(f"router table {source}: [retrieval] takes min_score and k")
+    if not isinstance(retrieval, dict) or set(retrieval) - {"min_score", "k", "margin"}:
+        raise InvalidInput(f"router table {source}: [retrieval] takes min_score, k and margin")
     return Table(tuple(rules), RetrievalSettings(**retrieval), source)
 
 
