@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from memfusion.bench.tasks.tracing import KTSequences, Synthetic5, SyntheticKT, auc, load_assistments
+from memfusion.bench.tasks.tracing import (
+    KTSequences,
+    Synthetic5,
+    SyntheticKT,
+    auc,
+    load_assistments,
+    load_three_line,
+)
 from memfusion.errors import InvalidInput
 
 FIXTURE = Path(__file__).parent / "fixtures" / "assistments_tiny.csv"
@@ -101,6 +108,41 @@ def test_skills_increase_with_practice(synth: SyntheticKT) -> None:
     initial = skill[:, [first[k] for k in concept]]  # each student's initial skill in each exercise's concept
     p_initial = 0.25 + 0.75 / (1 + np.exp(beta[None, :] - initial))
     assert synth.prob.double().numpy().mean() > p_initial.mean() + 0.02
+
+
+# ---------------------------------------------------------------- three-line layout (DKVMN release, pykt)
+
+THREE_LINE = FIXTURE.with_name("three_line_tiny.csv")
+
+
+def test_three_line_loader_on_the_fixture() -> None:
+    seqs = load_three_line(THREE_LINE)
+    # hand-read from the fixture: ids keep their numbers (k -> k - 1; 7 questions, the largest id);
+    # the one-interaction student 2 is dropped (min_length 2); a blank line between records is allowed
+    assert seqs.n_questions == 7 and seqs.question_names == ("1", "2", "3", "4", "5", "6", "7")
+    assert seqs.students.tolist() == [0, 1, 3]
+    assert seqs.questions.tolist() == [[0, 1, 2, 3, 4], [1, 1, 6, 0, 0], [4, 0, 0, 2, 0]]
+    assert seqs.responses.tolist() == [[1, 0, 1, 1, 0], [0, 1, 1, 0, 0], [1, 1, 0, 1, 0]]
+    assert seqs.mask.sum(1).tolist() == [5, 3, 4]
+    cut = load_three_line(THREE_LINE, max_length=2, min_length=1)
+    assert cut.students.tolist() == [0, 0, 0, 1, 1, 2, 3, 3] and cut.mask.sum(1).tolist() == [2, 2, 1, 2, 1, 1, 2, 2]
+
+
+def test_three_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="does not exist"):
+        load_three_line(tmp_path / "none.csv")
+    cases = {
+        "3\n1,2,3\n": "multiple of 3",
+        "3\n1,2\n1,0\n": "says 3 interactions but lists 2 questions",
+        "2\n1,x\n1,0\n": "non-number",
+        "2\n0,1\n1,0\n": "start at 1",
+        "2\n1,2\n1,2\n": "0 or 1",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        bad = tmp_path / f"bad{i}.csv"
+        bad.write_text(text)
+        with pytest.raises(InvalidInput, match=message):
+            load_three_line(bad)
 
 
 # ---------------------------------------------------------------- ASSISTments

@@ -448,6 +448,18 @@ def test_tracing_evaluation_is_the_auc_of_all_test_steps() -> None:
         TracingProblem("dkvmn", "assistments", options, CPU)
 
 
+def test_synthetic5_from_released_files() -> None:
+    """data= / test_data= in the three-line layout replace the generator (no generator references then)."""
+    files = {"data": FIXTURES / "three_line_tiny.csv", "test_data": FIXTURES / "three_line_tiny_test.csv"}
+    options = TracingOptions(**files, value_size=8, key_size=8, memory_size=4)
+    problem = TracingProblem("dkvmn", "synthetic5", options, CPU)
+    assert len(problem.train) == 3 and len(problem.test) == 2
+    assert problem.train.n_questions == problem.test.n_questions == 7  # the test file's largest id is 6
+    assert set(problem.evaluate()) == {"auc"}
+    with pytest.raises(InvalidInput, match="both data=TRAIN and test_data=TEST"):
+        TracingProblem("dkvmn", "synthetic5", TracingOptions(data=files["data"]), CPU)
+
+
 @torch.no_grad()
 def test_dkt_predicts_step_t_from_the_past_only() -> None:
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from memfusion.kv.kernels import FAST, available, exp_kernel
+from memfusion.kv.kernels import FAST, available, exp_kernel, prefetch_kernel
 
 _NO_MASK = torch.zeros(0, 0, 0, dtype=torch.bool).numpy()
 """The kernels' "no mask" argument (an empty array keeps one compiled signature)."""
@@ -37,12 +37,18 @@ CHUNK = 512
 context gives 64 tasks per KV head, plenty to balance two cores."""
 
 
+SHORT_RUN = 64
+"""Runs of at most this many keys (quest's pages) are software-prefetched ``AHEAD`` runs ahead."""
+AHEAD = 2
+
+
 @cache
 def _split_kernel() -> Any:
     import numba
     import numpy as np
 
     exp_shifted = exp_kernel()
+    prefetch_row = prefetch_kernel()
 
     @numba.njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
     def split(q, k, v, first, size, last, mask, mask_offset, own, scaling, per_task, part_m, part_l, part_o):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
@@ -71,6 +77,9 @@ def _split_kernel() -> Any:
             logits = np.empty((g_n, count), dtype=np.float32)
             for p in range(p_lo, p_hi):
                 row0 = first[b, h, p]
+                if size <= SHORT_RUN and p + AHEAD < p_hi:  # short runs: fetch a later run's rows meanwhile
+                    for s in range(size):
+                        prefetch_row(k, first[b, h, p + AHEAD] + s)
                 for s in range(size if p < p_n - 1 else last):
                     i = (p - p_lo) * size + s
                     pos = p * size + s
@@ -99,6 +108,14 @@ def _split_kernel() -> Any:
                     part_l[b, h, c, g] = 0.0
             for p in range(p_lo, p_hi):
                 row0 = first[b, h, p]
+                if size <= SHORT_RUN:
+                    if p == p_lo:  # the V rows of the first runs were not touched by the K pass
+                        for a in range(min(AHEAD, p_hi - p_lo)):
+                            for s in range(size):
+                                prefetch_row(v, first[b, h, p_lo + a] + s)
+                    if p + AHEAD < p_hi:
+                        for s in range(size):
+                            prefetch_row(v, first[b, h, p + AHEAD] + s)
                 for s in range(size if p < p_n - 1 else last):
                     i = (p - p_lo) * size + s
                     for g in range(g_n):

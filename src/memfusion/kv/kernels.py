@@ -54,3 +54,39 @@ def exp_kernel() -> Any:
             x[i] *= scale[i]
 
     return exp_shifted
+
+
+@cache
+def prefetch_kernel() -> Any:
+    """``prefetch_row(a, row)``: hint the CPU to fetch row ``row`` of the C-contiguous 2-D ``a`` (one
+    prefetch per 64-byte line), for kernels that jump between short runs of rows (quest's pages,
+    where the hardware prefetchers restart at every jump: +10-15% read rate measured on 16-row pages).
+    ``llvm.prefetch`` (read, high locality, data cache) through a numba intrinsic."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def prefetch_row(typingctx, arr, row):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            aryty = signature.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            shape = cgutils.unpack_tuple(builder, ary.shape)
+            strides = cgutils.unpack_tuple(builder, ary.strides)
+            i8p = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0"
+            )
+            row_bytes = builder.mul(shape[1], context.get_constant(types.intp, aryty.dtype.bitwidth // 8))
+            base = builder.ptrtoint(ary.data, ir.IntType(64))
+            start = builder.add(base, builder.mul(args[1], strides[0]))
+            with cgutils.for_range_slice(builder, context.get_constant(types.intp, 0), row_bytes, context.get_constant(types.intp, 64)) as (off, _):
+                ptr = builder.inttoptr(builder.add(start, off), i8p)
+                builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return types.void(arr, types.intp), codegen
+
+    return prefetch_row
