@@ -82,7 +82,8 @@ def prefetch_kernel() -> Any:
             row_bytes = builder.mul(shape[1], context.get_constant(types.intp, aryty.dtype.bitwidth // 8))
             base = builder.ptrtoint(ary.data, ir.IntType(64))
             start = builder.add(base, builder.mul(args[1], strides[0]))
-            with cgutils.for_range_slice(builder, context.get_constant(types.intp, 0), row_bytes, context.get_constant(types.intp, 64)) as (off, _):
+            zero, line = context.get_constant(types.intp, 0), context.get_constant(types.intp, 64)
+            with cgutils.for_range_slice(builder, zero, row_bytes, line) as (off, _):
                 ptr = builder.inttoptr(builder.add(start, off), i8p)
                 builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
             return context.get_dummy_value()

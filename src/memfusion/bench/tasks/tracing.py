@@ -291,7 +291,7 @@ def load_three_line(path: str | Path, max_length: int = 200, min_length: int = 2
     lines = [line.strip().rstrip(",") for line in _open_text(file).splitlines()]
     lines = [line for line in lines if line]
     _need(
-        len(lines) % 3 == 0 and lines,
+        len(lines) % 3 == 0 and bool(lines),
         f"{file}: {len(lines)} non-empty lines; the three-line layout has a multiple of 3 (length, questions, answers)",
     )
     pieces: list[tuple[int, list[tuple[int, int]]]] = []
