@@ -11,6 +11,7 @@ import pytest
 from memfusion.engine import Engine, facts_in_prompt, parse_fact, split_prompt, with_facts
 from memfusion.errors import BudgetExceeded, InvalidInput, NotFound
 from memfusion.models.tokenizer import format_question
+from memfusion.router import load_table
 
 DOC = " ".join(["the old river carries a quiet boat across the valley."] * 30)
 
@@ -59,6 +60,19 @@ def test_retrieved_facts_go_right_before_the_question(tiny, store) -> None:
     assert out.stats.best_score is not None and out.stats.best_score >= eng.router.table.retrieval.min_score
     assert out.stats.latency["retrieval"] > 0 and out.stats.latency["total"] >= out.stats.latency["prefill"]
     assert len(out.tokens) <= 3
+
+
+def test_only_facts_within_the_margin_of_the_best_hit_go_in(tiny, store) -> None:
+    eng_all = _engine(tiny, store, router=load_table().with_retrieval(min_score=-1.0, margin=2.0))
+    eng_all.remember("dave", "amber falcon is 4721")
+    eng_all.remember("dave", "icy otter is 1093")
+    question = format_question("amber falcon")
+    wide = eng_all.generate(DOC + "\n" + question, namespace="dave", max_new_tokens=1)
+    assert {h.record.key for h in wide.stats.retrieved} == {"amber falcon", "icy otter"}
+    assert "icy otter <v> 1093" in wide.prompt
+    eng_one = _engine(tiny, store, router=load_table().with_retrieval(min_score=-1.0, margin=0.0))
+    one = eng_one.generate(DOC + "\n" + question, namespace="dave", max_new_tokens=1)
+    assert [h.record.key for h in one.stats.retrieved] == ["amber falcon"] and "icy otter" not in one.prompt
 
 
 def test_no_retrieval_when_the_context_answers_or_nothing_matches(tiny, store) -> None:

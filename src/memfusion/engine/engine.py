@@ -7,9 +7,9 @@
 2. the router decides whether the retrieved facts pay (best-hit similarity against the calibrated
    threshold; not when the best hit's key already appears in the document) and which KV policy,
    sized to ``memory_budget_mb``, runs the request (:class:`memfusion.router.Route`, with reasons);
-3. the facts go right before the question (:func:`memfusion.engine.prompt.with_facts`), so a
-   bounded policy keeps them; the model decodes greedily under the policy
-   (:func:`memfusion.kv.generate`);
+3. the retrieved facts within the table's ``margin`` of the best hit go right before the question
+   (:func:`memfusion.engine.prompt.with_facts`), so a bounded policy keeps them; the model decodes
+   greedily under the policy (:func:`memfusion.kv.generate`);
 4. with ``write_back=True`` the facts the user wrote in ``<facts>`` blocks are stored;
 5. the monitor records the request (latency split, KV bytes, retrieval hits, route) and its trace.
 

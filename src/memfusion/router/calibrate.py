@@ -93,5 +93,7 @@ def fit_margin(gaps: Sequence[Sequence[float]], answer: Sequence[int | None]) ->
         c = credit(values[i])
         if c[0] > best[0] + 1e-12:
             best_i, best = i, c
-    hi = values[best_i + 1] if best_i + 1 < len(values) else min(2.0, values[best_i] + 1e-3)
-    return MarginCalibration((values[best_i] + hi) / 2, best[0], best[1], len(gaps))
+    lo = values[best_i]
+    hi = values[best_i + 1] if best_i + 1 < len(values) else min(2.0, lo + 1e-3)
+    mid = (lo + hi) / 2
+    return MarginCalibration(mid if lo <= mid < hi else lo, best[0], best[1], len(gaps))  # subnormal gaps round
