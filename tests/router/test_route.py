@@ -83,3 +83,19 @@ def test_explain_lists_the_reasons() -> None:
 )
 def test_estimate_task(prompt: str, n: int, task: str) -> None:
     assert estimate_task(prompt, n) == task
+
+
+def test_store_policy_when_retrieval_pays_under_a_tight_budget() -> None:
+    router = Router()
+    rule = router.table.match("document", 4000, None)
+    assert rule.store_policy == "window" and rule.fallbacks[0] != "window"
+    tight = Request(4000, TB, task="document", memory_budget_mb=1, layers=4)
+    t = router.table.retrieval.min_score
+    without = router.route(tight, RetrievalSignal(t - 0.1))  # retrieval does not pay: the first fallback that fits
+    with_store = router.route(tight, RetrievalSignal(t + 0.1))
+    assert without.kv_policy != "window" and not without.retrieve
+    assert (with_store.kv_policy, with_store.strategy) == ("window", "window+store")
+    assert with_store.estimated_peak_bytes <= 1024 * 1024
+    assert any("retrieval pays: window keeps the retrieved facts" in r for r in with_store.reasons)
+    roomy = router.route(Request(4000, TB, task="document", memory_budget_mb=64, layers=4), RetrievalSignal(t + 0.1))
+    assert roomy.strategy == "dense+store"  # the rule's own policy fits: store_policy is not needed

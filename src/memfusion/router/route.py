@@ -141,23 +141,30 @@ class Router:
     def store_mode(self, req: Request) -> str:
         return self.rule_for(req).store
 
-    def size_kv(self, req: Request) -> tuple[Rule, Sizing, list[str]]:
-        """The rule's policy, else its first fallback, that fits the memory budget; raises
-        :class:`BudgetExceeded` naming the smallest budget that any of them could meet."""
+    def size_kv(self, req: Request, retrieve: bool = False) -> tuple[Rule, Sizing, list[str]]:
+        """The rule's policy, else (when ``retrieve``) its ``store_policy``, else its first fallback,
+        that fits the memory budget; raises :class:`BudgetExceeded` naming the smallest budget that
+        any of them could meet."""
         rule = self.rule_for(req)
         mem = req.memory_bytes
         reasons = [f"rule: {rule.why}" if rule.why else f"rule: {rule.policy}"]
-        for policy in (rule.policy, *rule.fallbacks):
+        extra = (rule.store_policy,) if retrieve and rule.store_policy else ()
+        for policy in dict.fromkeys((rule.policy, *extra, *rule.fallbacks)):
             sizing = size_policy(
                 policy, req.n_tokens, mem, req.token_bytes, req.prefill_chunk, req.elem_bytes, req.layers
             )
             if sizing is not None:
-                if policy != rule.policy:
+                if policy != rule.policy and policy in extra:
+                    reasons.append(
+                        f"{rule.policy} does not fit {req.memory_budget_mb} MB and retrieval pays: {policy} keeps "
+                        "the retrieved facts before the question and drops the document's distant tokens"
+                    )
+                elif policy != rule.policy:
                     reasons.append(f"{rule.policy} does not fit {req.memory_budget_mb} MB: fallback {policy}")
                 if policy in BOUNDED and sizing.budget < req.n_tokens:
                     reasons.append(f"{policy} sized to {sizing.budget} of {req.n_tokens} tokens to fit the budget")
                 return rule, sizing, reasons
-        candidates = tuple(dict.fromkeys((rule.policy, *rule.fallbacks)))
+        candidates = tuple(dict.fromkeys((rule.policy, *extra, *rule.fallbacks)))
         need = smallest_feasible_bytes(
             candidates, req.n_tokens, req.token_bytes, req.prefill_chunk, req.elem_bytes, req.layers
         )
@@ -187,7 +194,7 @@ class Router:
     def route(self, req: Request, signal: RetrievalSignal | None = None) -> Route:
         """The full decision for ``req`` (``signal``: the store's answer, None without a store)."""
         retrieve, why_store = self.should_retrieve(req, signal)
-        rule, sizing, reasons = self.size_kv(req)
+        rule, sizing, reasons = self.size_kv(req, retrieve)
         reasons.append(why_store)
         inputs = {
             "n_tokens": req.n_tokens,

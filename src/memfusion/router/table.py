@@ -35,9 +35,13 @@ class Rule:
     store: str = "auto"
     fallbacks: tuple[str, ...] = ()
     why: str = ""
+    #: When retrieval pays and ``policy`` does not fit the memory budget, this policy is tried before
+    #: the fallbacks: the retrieved facts sit right before the question, so a recency policy keeps the
+    #: answer and drops the document's distant tokens (and their competing values).
+    store_policy: str | None = None
 
     def __post_init__(self) -> None:
-        for name in (self.policy, *self.fallbacks):
+        for name in (self.policy, *self.fallbacks, *((self.store_policy,) if self.store_policy else ())):
             if name not in KNOWN_POLICIES:
                 raise InvalidInput(
                     f"router table: unknown strategy {name!r}; valid policies: {', '.join(sorted(KNOWN_POLICIES))}"
@@ -122,6 +126,8 @@ class Table:
                     lines.append(f"{name} = {getattr(r, name)!r}")
             fallbacks = ", ".join(f'"{f}"' for f in r.fallbacks)
             lines += [f'policy = "{r.policy}"', f'store = "{r.store}"', f"fallbacks = [{fallbacks}]"]
+            if r.store_policy is not None:
+                lines.append(f'store_policy = "{r.store_policy}"')
             lines.append(f"why = {_quote(r.why)}")
         return "\n".join(lines) + "\n"
 
@@ -130,7 +136,9 @@ def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-_RULE_FIELDS = {"policy", "task", "min_tokens", "max_tokens", "max_latency_ms", "store", "fallbacks", "why"}
+_RULE_FIELDS = {
+    *("policy", "task", "min_tokens", "max_tokens", "max_latency_ms", "store", "fallbacks", "why", "store_policy")
+}
 
 
 def parse_table(data: dict[str, Any], source: str = "<memory>") -> Table:
