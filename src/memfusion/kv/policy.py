@@ -172,6 +172,9 @@ class TokenStore:
     def __init__(self, batch: int, spec: ModelSpec, limit: int | None = None) -> None:
         self.batch, self.spec, self.limit = batch, spec, limit
         self.n = 0
+        #: False while every appended token was real: no entry of ``valid`` is False, so attention
+        #: needs no mask (once True it stays True, eviction of the padding aside: a mask is then redundant)
+        self.padded = False
         self.capacity = 0
         self.fields: dict[str, torch.Tensor] = {}
         self._extra_specs: dict[str, tuple[torch.dtype, float]] = {}
@@ -214,6 +217,7 @@ class TokenStore:
         f["v"][:, :, sl] = v
         f["pos"][:, :, sl] = pos.unsqueeze(1)  # (B, 1, m) -> every KV head
         f["valid"][:, :, sl] = valid.unsqueeze(1)
+        self.padded = self.padded or not bool(valid.all())
         for name, (_, fill) in self._extra_specs.items():
             f[name][:, :, sl] = fill
         self.n += m
@@ -304,9 +308,8 @@ class EvictingLayer(KVLayer):
         st.append(k, v, pos, valid)
         self.inflight_bytes = st.payload_bytes()
         kb = self.key_bias()
-        resident_valid = st["valid"]
-        # No padding resident: skip building an O(n) logit mask.
-        mask = None if bool(resident_valid.all()) else resident_valid
+        # No padding ever stored: skip the O(n) check and the logit mask.
+        mask = None if not st.padded or bool(st["valid"].all()) else st["valid"]
         if self.uses_probs:
             out, probs = attention_with_probs(q, st["k"], st["v"], scaling, mask, kb, causal_tail=tq)
         elif tq == 1 and kb is None and decodeattn.serves(q, st.fields["k"]):
