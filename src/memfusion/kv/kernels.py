@@ -62,10 +62,13 @@ def prefetch_kernel() -> Any:
     prefetch per 64-byte line), for kernels that jump between short runs of rows (quest's pages,
     where the hardware prefetchers restart at every jump: +10-15% read rate measured on 16-row pages).
     ``llvm.prefetch`` (read, high locality, data cache) through a numba intrinsic."""
-    from llvmlite import ir
+    from llvmlite import binding, ir
     from numba import types
     from numba.core import cgutils
     from numba.extending import intrinsic
+
+    # the intrinsic's name carries its pointer type: opaque ``ptr`` from LLVM 15 on, ``i8*`` before
+    prefetch_name = "llvm.prefetch.p0" if binding.llvm_version_info >= (15,) else "llvm.prefetch.p0i8"
 
     @intrinsic
     def prefetch_row(typingctx, arr, row):  # type: ignore[no-untyped-def]
@@ -77,7 +80,7 @@ def prefetch_kernel() -> Any:
             i8p = ir.IntType(8).as_pointer()
             i32 = ir.IntType(32)
             fn = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0"
+                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), prefetch_name
             )
             row_bytes = builder.mul(shape[1], context.get_constant(types.intp, aryty.dtype.bitwidth // 8))
             base = builder.ptrtoint(ary.data, ir.IntType(64))
