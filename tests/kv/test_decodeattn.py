@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import memfusion.kv as kv
-from memfusion.kv import decodeattn
+from memfusion.kv import decodeattn, kernels
 from tests.kv.conftest import prompts
 
-pytestmark = pytest.mark.skipif(not decodeattn.available(), reason="numba is a dependency; the kernel needs it")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is a dependency; the kernel needs it")
 
 
 def _reference(

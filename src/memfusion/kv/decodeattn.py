@@ -25,11 +25,14 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+import numpy as np
 import torch
 
-from memfusion.kv.kernels import FAST, available, exp_kernel, prefetch_kernel
+from memfusion.kv.kernels import FAST, exp_kernel, prefetch_kernel, serves
 
-_NO_MASK = torch.zeros(0, 0, 0, dtype=torch.bool).numpy()
+__all__ = ["CHUNK", "decode_attention", "run_attention", "serves"]
+
+_NO_MASK = np.zeros((0, 0, 0), dtype=np.bool_)
 """The kernels' "no mask" argument (an empty array keeps one compiled signature)."""
 
 CHUNK = 512
@@ -45,10 +48,9 @@ AHEAD = 2
 @cache
 def _split_kernel() -> Any:
     import numba
-    import numpy as np
 
     exp_shifted = exp_kernel()
-    prefetch_row = prefetch_kernel()
+    prefetch_rows = prefetch_kernel()
 
     @numba.njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
     def split(q, k, v, first, size, last, mask, mask_offset, own, scaling, per_task, part_m, part_l, part_o):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
@@ -78,8 +80,7 @@ def _split_kernel() -> Any:
             for p in range(p_lo, p_hi):
                 row0 = first[b, h, p]
                 if size <= SHORT_RUN and p + AHEAD < p_hi:  # short runs: fetch a later run's rows meanwhile
-                    for s in range(size):
-                        prefetch_row(k, first[b, h, p + AHEAD] + s)
+                    prefetch_rows(k, first[b, h, p + AHEAD], size)
                 for s in range(size if p < p_n - 1 else last):
                     i = (p - p_lo) * size + s
                     pos = p * size + s
@@ -111,11 +112,9 @@ def _split_kernel() -> Any:
                 if size <= SHORT_RUN:
                     if p == p_lo:  # the V rows of the first runs were not touched by the K pass
                         for a in range(min(AHEAD, p_hi - p_lo)):
-                            for s in range(size):
-                                prefetch_row(v, first[b, h, p_lo + a] + s)
+                            prefetch_rows(v, first[b, h, p_lo + a], size)
                     if p + AHEAD < p_hi:
-                        for s in range(size):
-                            prefetch_row(v, first[b, h, p + AHEAD] + s)
+                        prefetch_rows(v, first[b, h, p + AHEAD], size)
                 for s in range(size if p < p_n - 1 else last):
                     i = (p - p_lo) * size + s
                     for g in range(g_n):
@@ -134,7 +133,6 @@ def _split_kernel() -> Any:
 @cache
 def _merge_kernel() -> Any:
     import numba
-    import numpy as np
 
     @numba.njit(fastmath=FAST, cache=True, nogil=True)
     def merge(part_m, part_l, part_o, out):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
@@ -161,11 +159,6 @@ def _merge_kernel() -> Any:
     return merge
 
 
-def serves(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """The kernels handle these tensors: float32 on the CPU, numba installed."""
-    return q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 and available()
-
-
 def run_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -186,8 +179,6 @@ def run_attention(
     left out where ``mask[b, h, mask_offset + x]`` (``(B, Hkv, M)`` bool) is False, except position
     ``own``, always attended. Every row must keep at least one key. Returns ``(B, 1, Hq, D)``.
     """
-    import numpy as np  # scratch in numpy: torch.empty costs ~2 us a call, several % of a 4K step
-
     b, hq, _, d = q.shape
     hkv, p = first.shape[1], first.shape[2]
     if not 1 <= last <= size or p < 1:
@@ -197,7 +188,7 @@ def run_attention(
     per_task = max(1, CHUNK // size)
     tasks = -(-p // per_task)
     g = hq // hkv
-    part_m = np.empty((b, hkv, tasks, g), dtype=np.float32)
+    part_m = np.empty((b, hkv, tasks, g), dtype=np.float32)  # numpy scratch: torch.empty costs ~2 us a call
     part_l = np.empty_like(part_m)
     part_o = np.empty((b, hkv, tasks, g, d), dtype=np.float32)
     _split_kernel()(
@@ -241,10 +232,9 @@ def decode_attention(
         raise ValueError(f"keys [{start}, {start + n}) are not inside a buffer of {cap} slots")
     if not (k.is_contiguous() and v.is_contiguous()):
         raise ValueError("decode_attention reads whole buffers: pass contiguous k and v")
-    import numpy as np  # index arithmetic in numpy: a few us less per decode step than torch ops
-
     runs = -(-n // chunk)
-    heads = np.arange(b * hkv, dtype=np.int64).reshape(b, hkv, 1) * cap  # (B, Hkv, 1): each head's row 0
+    heads = np.arange(b * hkv, dtype=np.int64).reshape(b, hkv, 1) * cap  # (B, Hkv, 1): each head's row 0 (numpy:
+    # a few us less per decode step than torch ops)
     first = torch.from_numpy(heads + start + np.arange(runs, dtype=np.int64) * chunk)  # (B, Hkv, runs)
     return run_attention(
         q, k.view(-1, d), v.view(-1, d), first, chunk, n - (runs - 1) * chunk, scaling, mask, start, n - 1

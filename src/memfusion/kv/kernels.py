@@ -1,10 +1,13 @@
 """Shared pieces of memfusion's numba kernels (:mod:`.pageattn`, :mod:`.decodeattn`): the fastmath
-flags, whether numba is installed, and a vectorisable ``exp`` for softmax weights."""
+flags, whether numba is installed and serves given tensors, a vectorisable ``exp`` for softmax
+weights and a software prefetch."""
 
 from __future__ import annotations
 
 from functools import cache
 from typing import Any
+
+import torch
 
 FAST = {"reassoc", "contract", "nsz", "arcp"}
 """fastmath without ``nnan``/``ninf``: masked slots are ``-inf`` logits."""
@@ -18,6 +21,11 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def serves(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """The kernels handle these tensors: float32 on the CPU, numba installed."""
+    return q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 and available()
 
 
 @cache
@@ -58,8 +66,8 @@ def exp_kernel() -> Any:
 
 @cache
 def prefetch_kernel() -> Any:
-    """``prefetch_row(a, row)``: hint the CPU to fetch row ``row`` of the C-contiguous 2-D ``a`` (one
-    prefetch per 64-byte line), for kernels that jump between short runs of rows (quest's pages,
+    """``prefetch_rows(a, row, n)``: hint the CPU to fetch rows ``[row, row + n)`` of the C-contiguous
+    2-D ``a`` (one prefetch per 64-byte line), for kernels that jump between short runs of rows (quest's pages,
     where the hardware prefetchers restart at every jump: +10-15% read rate measured on 16-row pages).
     ``llvm.prefetch`` (read, high locality, data cache) through a numba intrinsic."""
     from llvmlite import binding, ir
@@ -71,7 +79,7 @@ def prefetch_kernel() -> Any:
     prefetch_name = "llvm.prefetch.p0" if binding.llvm_version_info >= (15,) else "llvm.prefetch.p0i8"
 
     @intrinsic
-    def prefetch_row(typingctx, arr, row):  # type: ignore[no-untyped-def]
+    def prefetch_rows(typingctx, arr, row, n):  # type: ignore[no-untyped-def]
         def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
             aryty = signature.args[0]
             ary = context.make_array(aryty)(context, builder, args[0])
@@ -86,11 +94,11 @@ def prefetch_kernel() -> Any:
             base = builder.ptrtoint(ary.data, ir.IntType(64))
             start = builder.add(base, builder.mul(args[1], strides[0]))
             zero, line = context.get_constant(types.intp, 0), context.get_constant(types.intp, 64)
-            with cgutils.for_range_slice(builder, zero, row_bytes, line) as (off, _):
+            with cgutils.for_range_slice(builder, zero, builder.mul(row_bytes, args[2]), line) as (off, _):
                 ptr = builder.inttoptr(builder.add(start, off), i8p)
                 builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
             return context.get_dummy_value()
 
-        return types.void(arr, types.intp), codegen
+        return types.void(arr, types.intp, types.intp), codegen
 
-    return prefetch_row
+    return prefetch_rows

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 
 from memfusion.kv import decodeattn
-from memfusion.kv.kernels import FAST, available
+from memfusion.kv.kernels import FAST, available, serves
+
+__all__ = ["append_token", "available", "page_attention", "select_pages", "serves"]
 
 
 @cache
@@ -103,11 +105,6 @@ def _append_kernel() -> Any:
                     kmax[b, h, page, j] = max(kmax[b, h, page, j], x)
 
     return append
-
-
-def serves(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """The kernels handle these tensors: float32 on the CPU, numba installed."""
-    return q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 and available()
 
 
 def select_pages(
