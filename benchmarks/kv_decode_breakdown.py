@@ -1,0 +1,117 @@
+"""Where a decode step's attention time goes, beside what `memfusion bench --suite kv` reports.
+
+    .venv/bin/python benchmarks/kv_decode_breakdown.py            # 4K A/B, quest at 32K, prefill at 8K
+    .venv/bin/python benchmarks/kv_decode_breakdown.py --ab 4096 --quest 32768 --prefill 32768
+
+1. A/B in one process (the benchmark model of `--suite kv`, batch 1): HF's DynamicCache loop,
+   `dense` and `paged` (split-K kernel) and `dense` on the torch ops, interleaved ``--reps`` times:
+   decode ms/token and attention ms per layer (medians over decode steps).
+2. Quest's decode step at ``--quest`` tokens (budget T/8, 16-token pages) on 4 layers' worth of
+   buffers: the whole layer step and its kernels (append, page selection, page attention), medians.
+3. Prefill seconds of `dense` and `paged` at ``--prefill`` tokens (1,024-token chunks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import memfusion.kv as kv
+from memfusion.bench.kvperf import KVBenchConfig, hf_decode_seconds, reference_llama
+from memfusion.kv import decodeattn, pageattn
+from memfusion.kv.quest import Quest, QuestLayer
+from memfusion.kv.spec import ModelSpec
+
+
+def decode(model: Any, ids: torch.Tensor, policy: str) -> tuple[float, float]:
+    """(decode ms/token, attention ms per layer), medians over 31 decode steps."""
+    res = kv.generate(model, ids, policy, max_new_tokens=32, prefill_chunk=1024)
+    steps = list(zip(*res.cache.decode_attend_steps, strict=True))
+    layers = res.cache.spec.num_layers
+    return statistics.median(res.decode_seconds) * 1e3, statistics.median(sum(s) for s in steps) / layers * 1e3
+
+
+def ab(context: int, reps: int) -> None:
+    model = reference_llama(KVBenchConfig(contexts=(context,)), context)
+    ids = torch.randint(0, 1024, (1, context), generator=torch.Generator().manual_seed(1))
+    print(f"## A/B at {context} tokens: decode ms/token (attention ms per layer)")
+    for rep in range(reps):
+        hf = statistics.median(hf_decode_seconds(model, ids, 32, 1024)) * 1e3
+        dense, paged = decode(model, ids, "dense"), decode(model, ids, "paged")
+        kernel = decodeattn.serves
+        decodeattn.serves = lambda q, k: False  # the torch ops the kernel replaces
+        try:
+            ops = decode(model, ids, "dense")
+        finally:
+            decodeattn.serves = kernel
+        print(
+            f"rep {rep}: HF {hf:.2f} | dense {dense[0]:.2f} ({dense[1]:.3f}) {dense[0] / hf:.2f}x | "
+            f"paged {paged[0]:.2f} ({paged[1]:.3f}) {paged[0] / hf:.2f}x | dense on torch ops {ops[0]:.2f} "
+            f"({ops[1]:.3f}) {ops[0] / hf:.2f}x"
+        )
+
+
+def quest(context: int, reps: int) -> None:
+    spec = ModelSpec("LlamaForCausalLM", 4, 8, 2, 64, torch.float32, torch.device("cpu"))
+    layers = [QuestLayer(3, spec, Quest(token_budget=context // 8, page_size=16)) for _ in range(4)]
+    ones = torch.ones(1, 1024, dtype=torch.bool)
+    for layer in layers:  # 4 layers' buffers, so a step reads from memory, not from the caches
+        for _ in range(context // 1024):
+            kv_chunk = torch.randn(1, 2, 1024, 64), torch.randn(1, 2, 1024, 64)
+            layer.attend(torch.randn(1, 8, 1024, 64), *kv_chunk, ones, 0.125)
+    q, k, v, valid = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64), ones[:, :1]
+    spent: dict[str, list[float]] = {"layer step": []}
+    originals = {name: getattr(pageattn, name) for name in ("append_token", "select_pages", "page_attention")}
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            spent.setdefault(name, []).append(time.perf_counter() - t0)
+            return out
+
+        return run
+
+    try:
+        for name, fn in originals.items():
+            setattr(pageattn, name, timed(name, fn))
+        for _ in range(reps * 20):
+            for layer in layers:
+                t0 = time.perf_counter()
+                layer.attend(q, k, v, valid, 0.125)
+                spent["layer step"].append(time.perf_counter() - t0)
+    finally:
+        for name, fn in originals.items():
+            setattr(pageattn, name, fn)
+    print(f"## quest at {context} tokens (budget {context // 8}, 16-token pages): median us per layer step")
+    print(" | ".join(f"{name} {statistics.median(ts) * 1e6:.0f}" for name, ts in spent.items()))
+
+
+def prefill(context: int) -> None:
+    model = reference_llama(KVBenchConfig(contexts=(context,)), context)
+    ids = torch.randint(0, 1024, (1, context), generator=torch.Generator().manual_seed(1))
+    got = {
+        policy: kv.generate(model, ids, policy, max_new_tokens=2, prefill_chunk=1024).prefill_seconds
+        for policy in ("dense", "paged")
+    }
+    print(f"## prefill at {context} tokens: dense {got['dense']:.2f} s, paged {got['paged']:.2f} s")
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    cli.add_argument("--ab", type=int, default=4096, help="context of the A/B (0: skip)")
+    cli.add_argument("--quest", type=int, default=32768, help="context of the quest breakdown (0: skip)")
+    cli.add_argument("--prefill", type=int, default=8192, help="context of the prefill comparison (0: skip)")
+    cli.add_argument("--reps", type=int, default=3)
+    args = cli.parse_args()
+    if args.ab:
+        ab(args.ab, args.reps)
+    if args.quest:
+        quest(args.quest, args.reps)
+    if args.prefill:
+        prefill(args.prefill)
