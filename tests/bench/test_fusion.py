@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memfusion.bench import fusion
-from memfusion.bench.fusion import FusionConfig, pareto_front
+from memfusion.bench import fusion, fusionsummary
+from memfusion.bench.fusion import FusionConfig
+from memfusion.bench.fusionsummary import pareto_front
 from memfusion.engine.prompt import parse_fact
 from memfusion.errors import InvalidInput, NotFound
 from memfusion.models.tokenizer import build_tokenizer
@@ -247,7 +248,7 @@ def test_store_holds_the_store_answers_only(quick: dict[str, Any]) -> None:
 
 def test_summary_matches_the_rows(quick: dict[str, Any]) -> None:
     rows = _rows(quick)
-    summaries = fusion.summarize(rows)
+    summaries = fusionsummary.summarize(rows)
     assert [(s.length, s.route) for s in summaries] == [
         (n, route) for n in (256, 512, None) for route in ("auto", "dense", "window+store")
     ]
@@ -261,7 +262,7 @@ def test_summary_matches_the_rows(quick: dict[str, Any]) -> None:
         assert s.kv_peak_mb == pytest.approx(np.median([r["kv_peak_bytes"] / MB for r in group]))
         assert s.total_ms == pytest.approx(np.median([1e3 * r["total_s"] for r in group]))
         assert s.retrieval_rate == pytest.approx(np.mean([r["retrieved"] for r in group]))
-    on = fusion.auto_on_front(summaries)
+    on = fusionsummary.auto_on_front(summaries)
     assert set(on) == {256, 512}
     for n, flag in on.items():
         points = [(s.route, s.accuracy.value, s.kv_peak_mb) for s in summaries if s.length == n and s.accuracy]

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from memfusion.bench import fusion
+from memfusion.bench import fusion, fusionsummary
+from memfusion.bench.fusionsummary import RouteSummary
 from memfusion.bench.metrics import Rate
 
 COLUMNS = [
@@ -51,7 +52,7 @@ def _num(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def table_rows(summaries: Sequence[fusion.RouteSummary], length: int | None) -> list[list[str]]:
+def table_rows(summaries: Sequence[RouteSummary], length: int | None) -> list[list[str]]:
     """The table of one length (None: all lengths), one row (strings) per route."""
     rows = []
     for s in summaries:
@@ -77,12 +78,12 @@ def table_rows(summaries: Sequence[fusion.RouteSummary], length: int | None) -> 
     return rows
 
 
-def front_lines(summaries: Sequence[fusion.RouteSummary]) -> dict[int, str]:
+def front_lines(summaries: Sequence[RouteSummary]) -> dict[int, str]:
     """Per length, one line: the Pareto front and whether ``auto`` is on it."""
-    on = fusion.auto_on_front(summaries)
+    on = fusionsummary.auto_on_front(summaries)
     out = {}
     for n in sorted({s.length for s in summaries if s.length is not None}):
-        front = sorted(fusion.front_of(summaries, n))
+        front = sorted(fusionsummary.front_of(summaries, n))
         verdict = "auto: not run" if n not in on else f"auto is {'ON' if on[n] else 'NOT on'} the Pareto front"
         out[n] = f"{verdict} (accuracy vs median KV peak MB; front: {', '.join(front) or '-'})"
     return out
@@ -135,7 +136,7 @@ def _figure() -> Any:
     return Figure(figsize=(6.4, 4.2), dpi=100, layout="constrained")
 
 
-def plot_pareto(summaries: Sequence[fusion.RouteSummary], length: int, path: Path) -> Path:
+def plot_pareto(summaries: Sequence[RouteSummary], length: int, path: Path) -> Path:
     """Accuracy (Wilson 95% CI) vs median KV peak MB at ``length``; the Pareto front as a step
     line; ``auto`` drawn as a red star."""
     pts = [
@@ -143,7 +144,7 @@ def plot_pareto(summaries: Sequence[fusion.RouteSummary], length: int, path: Pat
         for s in summaries
         if s.length == length and s.accuracy is not None and s.kv_peak_mb is not None
     ]
-    front = fusion.front_of(summaries, length)
+    front = fusionsummary.front_of(summaries, length)
     fig = _figure()
     ax = fig.subplots()
     for k, (route, acc, mem) in enumerate(pts):
@@ -175,7 +176,7 @@ def plot_pareto(summaries: Sequence[fusion.RouteSummary], length: int, path: Pat
 
 
 def _vs_length(
-    summaries: Sequence[fusion.RouteSummary], pick: Any, ylabel: str, title: str, path: Path, budget: float | None
+    summaries: Sequence[RouteSummary], pick: Any, ylabel: str, title: str, path: Path, budget: float | None
 ) -> Path:
     fig = _figure()
     ax = fig.subplots()
@@ -199,7 +200,7 @@ def _vs_length(
     return path
 
 
-def plots(summaries: Sequence[fusion.RouteSummary], cfg: fusion.FusionConfig, out: Path) -> dict[str, Path]:
+def plots(summaries: Sequence[RouteSummary], cfg: fusion.FusionConfig, out: Path) -> dict[str, Path]:
     """Every plot of the report, written into ``out``; name -> path."""
     files = {}
     for n in sorted({s.length for s in summaries if s.length is not None}):
@@ -237,7 +238,7 @@ def _html_table(rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
-def _sections(summaries: Sequence[fusion.RouteSummary]) -> list[tuple[str, list[list[str]], str | None]]:
+def _sections(summaries: Sequence[RouteSummary]) -> list[tuple[str, list[list[str]], str | None]]:
     """(title, table rows, Pareto line) per length, then all lengths."""
     lines = front_lines(summaries)
     out: list[tuple[str, list[list[str]], str | None]] = [
@@ -249,7 +250,7 @@ def _sections(summaries: Sequence[fusion.RouteSummary]) -> list[tuple[str, list[
     return out
 
 
-def markdown(head: list[tuple[str, str]], summaries: Sequence[fusion.RouteSummary], images: dict[str, Path]) -> str:
+def markdown(head: list[tuple[str, str]], summaries: Sequence[RouteSummary], images: dict[str, Path]) -> str:
     """The Markdown report; images are linked by file name (they sit beside report.md)."""
     lines = ["# memfusion fusion benchmark: routes on accuracy, KV memory and latency", ""]
     lines += [f"- **{k}**: {v}" for k, v in head]
@@ -262,7 +263,7 @@ def markdown(head: list[tuple[str, str]], summaries: Sequence[fusion.RouteSummar
     return "\n".join(lines) + "\n"
 
 
-def html_report(head: list[tuple[str, str]], summaries: Sequence[fusion.RouteSummary], images: dict[str, Path]) -> str:
+def html_report(head: list[tuple[str, str]], summaries: Sequence[RouteSummary], images: dict[str, Path]) -> str:
     """One HTML file with no external reference: styles inline, PNGs as base64 data URIs."""
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>memfusion fusion benchmark</title>",
@@ -293,7 +294,7 @@ def write(
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
     head = header_lines(header if header is not None else fusion.header(cfg), cfg, rows)
-    summaries = fusion.summarize(rows)
+    summaries = fusionsummary.summarize(rows)
     images = plots(summaries, cfg, directory)
     md = directory / "report.md"
     md.write_text(markdown(head, summaries, images), encoding="utf-8")
