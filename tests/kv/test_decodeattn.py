@@ -36,6 +36,7 @@ def _reference(
         (1, 4, 1, 8, 64, 10, 37, 16),  # an offset run inside the buffer (paged)
         (1, 2, 2, 8, 8, 0, 1, 512),  # one key
         (3, 6, 3, 5, 300, 0, 300, 7),  # odd head dim, many small chunks
+        (1, 9, 3, 12, 100, 0, 98, 32),  # 3 query heads per KV head (the kernel's blocks take 2), 4-key blocks + 2
     ],
 )
 def test_matches_brute_force(b: int, hq: int, hkv: int, d: int, cap: int, start: int, n: int, chunk: int) -> None:
