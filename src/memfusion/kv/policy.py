@@ -16,6 +16,7 @@ from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
@@ -26,6 +27,23 @@ from memfusion.kv.spec import ModelSpec
 from memfusion.kv.stats import LayerStats
 
 INF = float("inf")
+
+_HOST_DTYPES = (torch.float32, torch.float16, torch.float64, torch.int64, torch.bool)
+"""Dtypes numpy shares memory with (bfloat16 has no numpy twin)."""
+
+
+def advance_positions(real_seen: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pos, real_seen')`` for new tokens ``valid (B, Tq)`` after ``real_seen (B,)`` real tokens:
+    ``pos (B, Tq)`` is each real token's index among its sequence's real tokens (-1 for padding).
+    CPU tensors go through numpy (a decode step calls this once per layer; the torch ops cost ~2 us
+    apiece on these few elements, numpy's a fraction)."""
+    if valid.device.type == "cpu":
+        vn = valid.numpy()
+        csum = vn.cumsum(axis=1)  # (B, Tq) int64
+        seen = real_seen.numpy()
+        return torch.from_numpy(np.where(vn, seen[:, None] + csum - 1, -1)), torch.from_numpy(seen + csum[:, -1])
+    csum = valid.long().cumsum(dim=1)
+    return torch.where(valid, real_seen.unsqueeze(1) + csum - 1, -1), real_seen + csum[:, -1]
 
 
 @dataclass(frozen=True)
@@ -177,6 +195,9 @@ class TokenStore:
         self.padded = False
         self.capacity = 0
         self.fields: dict[str, torch.Tensor] = {}
+        #: numpy views of ``fields`` on the CPU (None elsewhere): a decode step's append writes a few
+        #: rows per field, ~1 us with numpy against ~5 us per torch index assignment
+        self._host: dict[str, np.ndarray] | None = None
         self._extra_specs: dict[str, tuple[torch.dtype, float]] = {}
         self._grow(16)
 
@@ -184,6 +205,11 @@ class TokenStore:
         """Register a per-token field ``(B, Hkv, capacity)`` initialised to ``fill`` on append."""
         self._extra_specs[name] = (dtype, fill)
         self.fields[name] = torch.full(self._shape(), fill, dtype=dtype, device=self.spec.device)
+        self._share()
+
+    def _share(self) -> None:
+        on_host = self.spec.device.type == "cpu" and all(t.dtype in _HOST_DTYPES for t in self.fields.values())
+        self._host = {name: t.numpy() for name, t in self.fields.items()} if on_host else None
 
     def _shape(self, cap: int | None = None) -> tuple[int, int, int]:
         return (self.batch, self.spec.num_kv_heads, self.capacity if cap is None else cap)
@@ -205,6 +231,7 @@ class TokenStore:
         for name, old in self.fields.items():
             fresh[name][:, :, : self.n] = old[:, :, : self.n]
         self.fields, self.capacity = fresh, new_cap
+        self._share()
 
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> None:
         """``k``/``v (B, Hkv, m, D)``, ``pos (B, m)``, ``valid (B, m)``."""
@@ -212,14 +239,25 @@ class TokenStore:
         if self.n + m > self.capacity:
             self._grow(self.n + m)
         sl = slice(self.n, self.n + m)
-        f = self.fields
-        f["k"][:, :, sl] = k
-        f["v"][:, :, sl] = v
-        f["pos"][:, :, sl] = pos.unsqueeze(1)  # (B, 1, m) -> every KV head
-        f["valid"][:, :, sl] = valid.unsqueeze(1)
-        self.padded = self.padded or not bool(valid.all())
-        for name, (_, fill) in self._extra_specs.items():
-            f[name][:, :, sl] = fill
+        if self._host is not None and not (k.requires_grad or v.requires_grad):
+            h = self._host
+            h["k"][:, :, sl] = k.numpy()
+            h["v"][:, :, sl] = v.numpy()
+            h["pos"][:, :, sl] = pos.numpy()[:, None]  # (B, 1, m) -> every KV head
+            vn = valid.numpy()
+            h["valid"][:, :, sl] = vn[:, None]
+            self.padded = self.padded or not vn.all()
+            for name, (_, fill) in self._extra_specs.items():
+                h[name][:, :, sl] = fill
+        else:
+            f = self.fields
+            f["k"][:, :, sl] = k
+            f["v"][:, :, sl] = v
+            f["pos"][:, :, sl] = pos.unsqueeze(1)  # (B, 1, m) -> every KV head
+            f["valid"][:, :, sl] = valid.unsqueeze(1)
+            self.padded = self.padded or not bool(valid.all())
+            for name, (_, fill) in self._extra_specs.items():
+                f[name][:, :, sl] = fill
         self.n += m
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -301,9 +339,7 @@ class EvictingLayer(KVLayer):
             self.setup(self.store)
             self.real_seen = torch.zeros(b, dtype=torch.int64, device=valid.device)
         assert self.real_seen is not None
-        csum = valid.long().cumsum(dim=1)  # (B, Tq)
-        pos = torch.where(valid, self.real_seen.unsqueeze(1) + csum - 1, -1)  # (B, Tq)
-        self.real_seen = self.real_seen + csum[:, -1]
+        pos, self.real_seen = advance_positions(self.real_seen, valid)  # (B, Tq), (B,)
         st = self.store
         st.append(k, v, pos, valid)
         self.inflight_bytes = st.payload_bytes()

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from memfusion.kv.attention import logit_mask, merge_partials, partial_attention
-from memfusion.kv.policy import KVLayer, PolicyConfig, TokenStore, require, require_int
+from memfusion.kv.policy import KVLayer, PolicyConfig, TokenStore, advance_positions, require, require_int
 from memfusion.kv.spec import ModelSpec
 from memfusion.kv.stats import LayerStats
 
@@ -263,9 +263,7 @@ class TieredLayer(KVLayer):
             self._init(b)
         hot = self.hot
         assert hot is not None
-        csum = valid.long().cumsum(dim=1)  # (B, Tq)
-        pos = torch.where(valid, self.real_seen.unsqueeze(1) + csum - 1, -1)  # (B, Tq)
-        self.real_seen = self.real_seen + csum[:, -1]
+        pos, self.real_seen = advance_positions(self.real_seen, valid)  # (B, Tq), (B,)
         hot.append(k, v, pos, valid)
 
         qg = q.reshape(b, hkv, g * tq, d)  # (B, Hkv, G*Tq, D): rows are (query head, token)
