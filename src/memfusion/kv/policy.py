@@ -39,9 +39,9 @@ def advance_positions(real_seen: torch.Tensor, valid: torch.Tensor) -> tuple[tor
     apiece on these few elements, numpy's a fraction)."""
     if valid.device.type == "cpu":
         vn = valid.numpy()
-        csum = vn.cumsum(axis=1)  # (B, Tq) int64
+        counts = vn.cumsum(axis=1)  # (B, Tq) int64
         seen = real_seen.numpy()
-        return torch.from_numpy(np.where(vn, seen[:, None] + csum - 1, -1)), torch.from_numpy(seen + csum[:, -1])
+        return torch.from_numpy(np.where(vn, seen[:, None] + counts - 1, -1)), torch.from_numpy(seen + counts[:, -1])
     csum = valid.long().cumsum(dim=1)
     return torch.where(valid, real_seen.unsqueeze(1) + csum - 1, -1), real_seen + csum[:, -1]
 
