@@ -28,7 +28,7 @@ from memfusion.kv.stats import LayerStats
 
 INF = float("inf")
 
-_HOST_DTYPES = (torch.float32, torch.float16, torch.float64, torch.int64, torch.bool)
+HOST_DTYPES = (torch.float32, torch.float16, torch.float64, torch.int64, torch.bool)
 """Dtypes numpy shares memory with (bfloat16 has no numpy twin)."""
 
 
@@ -208,7 +208,7 @@ class TokenStore:
         self._share()
 
     def _share(self) -> None:
-        on_host = self.spec.device.type == "cpu" and all(t.dtype in _HOST_DTYPES for t in self.fields.values())
+        on_host = self.spec.device.type == "cpu" and all(t.dtype in HOST_DTYPES for t in self.fields.values())
         self._host = {name: t.numpy() for name, t in self.fields.items()} if on_host else None
 
     def _shape(self, cap: int | None = None) -> tuple[int, int, int]:
