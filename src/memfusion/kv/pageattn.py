@@ -20,6 +20,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+import numpy as np
 import torch
 
 from memfusion.kv import decodeattn
@@ -31,7 +32,6 @@ __all__ = ["append_token", "available", "page_attention", "select_pages", "serve
 @cache
 def _select_kernel() -> Any:
     import numba
-    import numpy as np
 
     @numba.njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
     def select(q, kmin, kmax, nonempty, padded, pages, sel):  # type: ignore[no-untyped-def]  # pragma: no cover
@@ -170,6 +170,7 @@ def page_attention(
     The pages are runs of :func:`memfusion.kv.decodeattn.run_attention`.
     """
     b, h, c, s, d = k.shape
-    heads = torch.arange(b * h, dtype=torch.int64).view(b, h, 1) * c  # (B, Hkv, 1): each head's page 0
-    first = (heads + sel) * s  # (B, Hkv, P): the first row of each selected page in the (B*Hkv*C*S, D) view
+    heads = np.arange(b * h, dtype=np.int64).reshape(b, h, 1) * c  # (B, Hkv, 1): each head's page 0 (numpy:
+    # a few us less per layer step than torch ops)
+    first = torch.from_numpy((heads + sel.numpy()) * s)  # (B, Hkv, P): each selected page's first row in (B*Hkv*C*S, D)
     return decodeattn.run_attention(q, k.view(-1, d), v.view(-1, d), first, s, last, scaling, mask)
