@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/kv_decode_breakdown.py            # 4K A/B, quest at 32K, prefill at 8K
     .venv/bin/python benchmarks/kv_decode_breakdown.py --ab 4096 --quest 32768 --prefill 32768
+    .venv/bin/python benchmarks/kv_decode_breakdown.py --ab 0 --quest 0 --prefill 0   # the kernel alone
 
 1. A/B in one process (the benchmark model of `--suite kv`, batch 1): HF's DynamicCache loop,
    `dense` and `paged` (split-K kernel) and `dense` on the torch ops, interleaved ``--reps`` times:
@@ -9,6 +10,11 @@
 2. Quest's decode step at ``--quest`` tokens (budget T/8, 16-token pages) on 4 layers' worth of
    buffers: the whole layer step and its kernels (append, page selection, page attention), medians.
 3. Prefill seconds of `dense` and `paged` at ``--prefill`` tokens (1,024-token chunks).
+4. The split-K kernel alone (``decodeattn.decode_attention``, the benchmark model's 2 KV heads x 4
+   query heads, head dim 64) at each of ``--kernel`` contexts: on one buffer read over and over
+   (warm: from the caches where it fits) and on buffers rotated through 96 MiB (cold: from memory,
+   as in a decode step, where the model's weights pass through the caches between two reads of a
+   layer's K/V), and the fixed cost of a call (one key). Median us per call and K/V GB/s.
 """
 
 from __future__ import annotations
@@ -92,6 +98,35 @@ def quest(context: int, reps: int) -> None:
     print(" | ".join(f"{name} {statistics.median(ts) * 1e6:.0f}" for name, ts in spent.items()))
 
 
+def kernel(contexts: list[int]) -> None:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 1, 64, generator=g)
+    print("## the split-K kernel alone: median us per call (K/V GB/s)")
+
+    def median_us(n: int, bufs: list[tuple[torch.Tensor, torch.Tensor]], calls: int) -> float:
+        times = []
+        for i in range(calls + 5):
+            k, v = bufs[i % len(bufs)]
+            t0 = time.perf_counter()
+            decodeattn.decode_attention(q, k, v, 0, n, 0.125)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[5:]) * 1e6
+
+    def kv_pair(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(1, 2, n, 64, generator=g), torch.randn(1, 2, n, 64, generator=g)
+
+    small = torch.randn(1, 2, 64, 64, generator=g)
+    print(f"fixed cost (one key): {median_us(1, [(small, small)], 2000):.1f} us")
+    for n in contexts:
+        size = 2 * 2 * n * 64 * 4  # K and V bytes of one layer
+        bufs = [kv_pair(n)]
+        warm = median_us(n, bufs, 200)
+        bufs += [kv_pair(n) for _ in range(max(1, (96 << 20) // size - 1))]
+        cold = median_us(n, bufs, 100 if n <= 8192 else 40)
+        rates = f"warm {warm:.0f} us ({size / warm / 1e3:.1f} GB/s), cold {cold:.0f} us ({size / cold / 1e3:.1f} GB/s)"
+        print(f"{n} keys ({size >> 20} MiB): {rates}")
+
+
 def prefill(context: int) -> None:
     model = reference_llama(KVBenchConfig(contexts=(context,)), context)
     ids = torch.randint(0, 1024, (1, context), generator=torch.Generator().manual_seed(1))
@@ -107,8 +142,11 @@ if __name__ == "__main__":
     cli.add_argument("--ab", type=int, default=4096, help="context of the A/B (0: skip)")
     cli.add_argument("--quest", type=int, default=32768, help="context of the quest breakdown (0: skip)")
     cli.add_argument("--prefill", type=int, default=8192, help="context of the prefill comparison (0: skip)")
+    cli.add_argument("--kernel", default="4096,16384,32768", help="contexts of the kernel timings ('': skip)")
     cli.add_argument("--reps", type=int, default=3)
     args = cli.parse_args()
+    if args.kernel:
+        kernel([int(c) for c in args.kernel.split(",")])
     if args.ab:
         ab(args.ab, args.reps)
     if args.quest:
