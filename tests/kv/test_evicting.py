@@ -347,3 +347,30 @@ def test_padded_row_equals_the_row_alone(cfg: PolicyConfig) -> None:
 def test_bad_parameters_are_rejected(policy: str, params: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         kv.resolve(policy, **params)
+
+
+def test_a_decode_tokens_compiled_append_equals_the_general_one() -> None:
+    """``TokenStore.append_token`` (one compiled call per decode step) against ``append`` with the
+    positions ``advance_positions`` gives: every field, the real-token counts, the padding flag -
+    with a padding row among the real ones and an extra field (h2o's scores) refilled."""
+    from memfusion.kv.policy import TokenStore, advance_positions
+
+    spec = ModelSpec("LlamaForCausalLM", 1, 4, 2, 8, torch.float32, torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    stores = [TokenStore(3, spec), TokenStore(3, spec)]
+    seen = [torch.tensor([4, 0, 7]), torch.tensor([4, 0, 7])]
+    for st in stores:
+        st.add_field("acc", torch.float32, fill=0.5)
+    for step in range(20):  # past the first capacity doubling (16 slots)
+        k, v = torch.randn(3, 2, 1, 8, generator=g), torch.randn(3, 2, 1, 8, generator=g)
+        valid = torch.tensor([[True], [step % 3 != 1], [True]])
+        stores[1].fields["acc"][:, :, : stores[1].n] += 1.0  # a policy's scores, not what append writes
+        stores[0].fields["acc"][:, :, : stores[0].n] += 1.0
+        assert stores[0].append_token(k, v, valid, seen[0])
+        pos, seen[1] = advance_positions(seen[1], valid)
+        stores[1].append(k, v, pos, valid)
+    assert stores[0].n == stores[1].n == 20
+    assert stores[0].padded and stores[1].padded
+    assert torch.equal(seen[0], seen[1]) and seen[0].tolist() == [24, 13, 27]
+    for name in ("k", "v", "pos", "valid", "acc"):
+        assert torch.equal(stores[0][name], stores[1][name]), name

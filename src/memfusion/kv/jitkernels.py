@@ -244,3 +244,27 @@ def attention_kernel(g_n: int, d_n: int) -> Any:
                         out[b, h * G + g, j] /= total
 
     return attention
+
+
+@numba.njit(cache=True, nogil=True)
+def store_token(k_buf, v_buf, pos_buf, valid_buf, k, v, valid, seen, n):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+    # A decode step's append in one call (each numpy / torch op it replaces costs 5-15 us between a
+    # step's matmuls, which evict the interpreter's working set): k_buf, v_buf (B, Hkv, cap, D);
+    # pos_buf (B, Hkv, cap) int64; valid_buf (B, Hkv, cap) bool; k, v (B, Hkv, 1, D); valid (B, 1)
+    # bool; seen (B,) int64 real tokens so far, advanced in place. Writes slot n; True if every row
+    # is a real token.
+    real = True
+    for b in range(k.shape[0]):
+        ok = valid[b, 0]
+        p = seen[b] if ok else -1
+        for h in range(k.shape[1]):
+            for j in range(k.shape[3]):
+                k_buf[b, h, n, j] = k[b, h, 0, j]
+                v_buf[b, h, n, j] = v[b, h, 0, j]
+            pos_buf[b, h, n] = p
+            valid_buf[b, h, n] = ok
+        if ok:
+            seen[b] += 1
+        else:
+            real = False
+    return real

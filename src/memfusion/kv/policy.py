@@ -153,6 +153,7 @@ class KVLayer(CacheLayerMixin):
     # --- the memfusion contract ----------------------------------------------------------
     def observe_input_ids(self, input_ids: torch.Tensor) -> None:
         """The token ids ``(B, Tq)`` of the forward about to run (for content hashing)."""
+
     @abstractmethod
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scaling: float
@@ -260,6 +261,26 @@ class TokenStore:
                 f[name][:, :, sl] = fill
         self.n += m
 
+    def append_token(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, seen: torch.Tensor) -> bool:
+        """A decode step's append (``k``/``v (B, Hkv, 1, D)``, ``valid (B, 1)``) in one compiled call
+        that also advances ``seen (B,)`` (real tokens per sequence) in place. False, and nothing
+        done, where that call does not serve (not float32 on the CPU, autograd, no numba)."""
+        if self._host is None or k.requires_grad or v.requires_grad or not decodeattn.serves(k, self.fields["k"]):
+            return False
+        if self.n + 1 > self.capacity:
+            self._grow(self.n + 1)
+        from memfusion.kv.jitkernels import store_token  # numba: imported on first use
+
+        h = self._host
+        real = store_token(
+            h["k"], h["v"], h["pos"], h["valid"], k.numpy(), v.numpy(), valid.numpy(), seen.numpy(), self.n
+        )
+        self.padded = self.padded or not real
+        for name, (_, fill) in self._extra_specs.items():
+            h[name][:, :, self.n] = fill
+        self.n += 1
+        return True
+
     def __getitem__(self, name: str) -> torch.Tensor:
         """The resident part of a field: ``(B, Hkv, n, *)`` (a view)."""
         return self.fields[name][:, :, : self.n]
@@ -339,9 +360,10 @@ class EvictingLayer(KVLayer):
             self.setup(self.store)
             self.real_seen = torch.zeros(b, dtype=torch.int64, device=valid.device)
         assert self.real_seen is not None
-        pos, self.real_seen = advance_positions(self.real_seen, valid)  # (B, Tq), (B,)
         st = self.store
-        st.append(k, v, pos, valid)
+        if tq > 1 or not st.append_token(k, v, valid, self.real_seen):  # (a decode step: one compiled call)
+            pos, self.real_seen = advance_positions(self.real_seen, valid)  # (B, Tq), (B,)
+            st.append(k, v, pos, valid)
         self.inflight_bytes = st.payload_bytes()
         kb = self.key_bias()
         # No padding ever stored: skip the O(n) check and the logit mask.
