@@ -215,18 +215,16 @@ class QuestLayer(KVLayer):
                 "build a new cache (or reset it) for a different batch"
             )
         self._append(k, v, valid)
-        n, S = self.slots, self.cfg.page_size
-        key_mask = self.valid.view(b, 1, self.cap * S)[:, :, :n]  # (B, 1, n)
+        pages, budget = self.num_pages, self.cfg.budget_pages
+        if tq == 1 and pages > budget:
+            return self._select_and_attend(q, scaling)
+        key_mask = self.valid.view(b, 1, self.cap * self.cfg.page_size)[:, :, : self.slots]  # (B, 1, n)
         if tq > 1:
             return grouped_attention(q, self._flat(self.k), self._flat(self.v), scaling, key_mask, causal_tail=tq)
-        pages, budget = self.num_pages, self.cfg.budget_pages
-        h = self.spec.num_kv_heads
-        if pages <= budget:
-            self.pages_selected += b * h * pages
-            self.pages_total += b * h * pages
-            self.last_selection = None
-            return grouped_attention(q, self._flat(self.k), self._flat(self.v), scaling, key_mask, causal_tail=1)
-        return self._select_and_attend(q, scaling)
+        self.pages_selected += b * self.spec.num_kv_heads * pages
+        self.pages_total += b * self.spec.num_kv_heads * pages
+        self.last_selection = None
+        return grouped_attention(q, self._flat(self.k), self._flat(self.v), scaling, key_mask, causal_tail=1)
 
     def page_scores(self, q: torch.Tensor, pages: int) -> torch.Tensor:
         """``(B, Hkv, pages)``: the group-summed bound ``sum_g sum_d max(q_gd kmin_d, q_gd kmax_d)``.
