@@ -226,9 +226,28 @@ class PagedLayer(KVLayer):
         elif plan.write_dst.numel():
             flat_k[:, plan.write_dst] = k[plan.write_b, :, plan.write_t].transpose(0, 1)  # (Hkv, W, D)
             flat_v[:, plan.write_dst] = v[plan.write_b, :, plan.write_t].transpose(0, 1)
+        if q.shape[2] == 1 and len(plan.reads) == 1:  # a one-sequence decode step
+            one = self._decode_one(q, kp, vp, plan.reads[0], scaling)
+            if one is not None:
+                return one
         outs = [self._attend_one(q[i], kp, vp, r, scaling) for i, r in enumerate(plan.reads)]
         out = torch.stack(outs)  # (B, Hq, Tq, D)
         return out.transpose(1, 2)  # (B, Tq, Hq, D)
+
+    def _decode_one(
+        self, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, r: _Read, scaling: float
+    ) -> torch.Tensor | None:
+        """A one-sequence decode step whose pages form one run, by the split-K kernel in place:
+        ``q (1, Hq, 1, D)`` -> ``(1, 1, Hq, D)``; None where that does not apply. The batch-of-one
+        case of :meth:`_attend_one` without its per-sequence views, stack and transpose (each torch
+        call costs 5-15 us between a decode step's matmuls)."""
+        if len(r.runs) != 1 or r.length > r.min_limit or not decodeattn.serves(q, kp):
+            return None
+        hkv, cap, ps, d = kp.shape
+        first = r.runs[0][0]  # the run is slots [first * ps, first * ps + length) of each head
+        return decodeattn.decode_attention(
+            q, kp.view(1, hkv, cap * ps, d), vp.view(1, hkv, cap * ps, d), first * ps, r.length, scaling
+        )
 
     def _attend_one(
         self, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, r: _Read, scaling: float
