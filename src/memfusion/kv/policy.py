@@ -35,8 +35,8 @@ HOST_DTYPES = (torch.float32, torch.float16, torch.float64, torch.int64, torch.b
 def advance_positions(real_seen: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pos, real_seen')`` for new tokens ``valid (B, Tq)`` after ``real_seen (B,)`` real tokens:
     ``pos (B, Tq)`` is each real token's index among its sequence's real tokens (-1 for padding).
-    CPU tensors go through numpy (a decode step calls this once per layer; the torch ops cost ~2 us
-    apiece on these few elements, numpy's a fraction)."""
+    CPU tensors go through numpy, cheaper than torch ops on these few elements (a float32 decode
+    step on the CPU does not come here: :meth:`TokenStore.append_token` counts in its one call)."""
     if valid.device.type == "cpu":
         vn = valid.numpy()
         counts = vn.cumsum(axis=1)  # (B, Tq) int64
