@@ -287,3 +287,25 @@ def test_decode_attention_is_timed_per_step_and_layer(llama: torch.nn.Module) ->
     assert [len(s) for s in steps] == [5] * len(steps) and all(t > 0 for s in steps for t in s)
     for layer, total in zip(steps, res.cache.decode_attend_seconds, strict=True):
         assert sum(layer) == pytest.approx(total)
+
+
+@pytest.mark.parametrize(
+    ("b", "hq", "hkv", "d", "pages", "keep", "last"), [(1, 8, 2, 64, 300, 37, 16), (2, 6, 2, 12, 50, 9, 5)]
+)
+def test_selection_and_attention_in_one_call_equal_the_two_calls(
+    b: int, hq: int, hkv: int, d: int, pages: int, keep: int, last: int
+) -> None:
+    """``select_and_attend`` (one compiled call, unpadded decode steps) against ``select_pages`` then
+    ``page_attention``: the same pages and the same output, with the current page partly written."""
+    g = torch.Generator().manual_seed(pages)
+    s, cap = 16, pages + 3
+    q = torch.randn(b, hq, 1, d, generator=g)
+    k = torch.randn(b, hkv, cap, s, d, generator=g)
+    v = torch.randn(b, hkv, cap, s, d, generator=g)
+    kmin, kmax = k.amin(dim=3), k.amax(dim=3)  # (B, Hkv, C, D)
+    out, sel = pageattn.select_and_attend(q, k, v, kmin, kmax, pages, keep, last, SCALE)
+    ref_sel = pageattn.select_pages(q, kmin, kmax, None, pages, keep)
+    assert torch.equal(sel, ref_sel)
+    assert (sel[..., -1] == pages).all() and sel.shape == (b, hkv, keep + 1)
+    ref = pageattn.page_attention(q, k, v, ref_sel, last, SCALE)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)

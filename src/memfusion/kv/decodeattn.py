@@ -35,6 +35,9 @@ __all__ = ["CHUNK", "decode_attention", "run_attention", "run_rows", "serves"]
 
 _NO_MASK = np.zeros((0, 0, 0), dtype=np.bool_)
 """The kernels' "no mask" argument (an empty array keeps one compiled signature)."""
+_NO_BOUNDS = np.zeros((0, 0, 0, 0), dtype=np.float32)
+_NO_SELECTION = np.zeros((0, 0, 0), dtype=np.int64)
+"""The kernel's page-selection arguments when the runs are given (``select`` of :func:`run_rows`)."""
 
 CHUNK = 512
 """Keys per task: the ``(G, CHUNK)`` logits of a task stay in L1 (8 KiB for G = 4), and a 32K
@@ -77,10 +80,14 @@ def run_rows(
     mask: torch.Tensor | None,
     mask_offset: int,
     own: int,
+    select: tuple[np.ndarray, np.ndarray, int, int, np.ndarray] | None = None,
 ) -> torch.Tensor:
     """:func:`run_attention` with ``k``, ``v`` ``(R, D)`` and ``first`` as numpy arrays (C-contiguous,
     not checked), for callers that hold numpy views of their buffers: a decode step calls this once
-    per layer, and each torch call it saves costs 5-15 us between the step's matmuls."""
+    per layer, and each torch call it saves costs 5-15 us between the step's matmuls.
+
+    ``select = (kmin, kmax, pages, cap, sel)``: quest's page selection runs first in the same call
+    (see :func:`memfusion.kv.pageattn.select_and_attend`) and fills ``first`` and ``sel``."""
     b, hq, _, d = q.shape
     hkv, p = first.shape[1], first.shape[2]
     if not 1 <= last <= size or p < 1:
@@ -103,6 +110,7 @@ def run_rows(
         per_task,
         -(-p // per_task),
         out.reshape(b, hq, d),
+        *((_NO_BOUNDS, _NO_BOUNDS, 0, 0, _NO_SELECTION) if select is None else select),
     )
     return torch.from_numpy(out)
 

@@ -28,6 +28,9 @@ SHORT_RUN = 64
 """Runs of at most this many keys (quest's pages) are software-prefetched ``AHEAD`` runs ahead."""
 AHEAD = 2
 
+_NO_PAGES = np.ones((1, 1), dtype=np.bool_)
+"""``nonempty`` for a selection with no padding (select_one then reads none of it)."""
+
 _PREFETCH = "llvm.prefetch.p0" if binding.llvm_version_info >= (15,) else "llvm.prefetch.p0i8"
 """``llvm.prefetch``'s name carries its pointer type: opaque ``ptr`` from LLVM 15 on, ``i8*`` before."""
 
@@ -156,6 +159,62 @@ def weigh(logits, i, v, r, n, acc, G, D):  # type: ignore[no-untyped-def]  # pra
         s += 1
 
 
+@numba.njit(fastmath=FAST, cache=True, nogil=True)
+def select_one(q, kmin, kmax, nonempty, padded, pages, sel, b, h):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+    # Quest's selection for sequence b, KV head h: q (B, Hq, D); kmin, kmax (B, Hkv, C, D); nonempty
+    # (B, C) bool, read only when padded; candidates: pages [0, pages); writes sel[b, h] (keep + 1):
+    # the keep candidates with the largest bound in ascending order, then page ``pages`` (the current one)
+    d_n = q.shape[2]
+    h_n = kmin.shape[1]
+    g_n = q.shape[1] // h_n
+    keep = sel.shape[2] - 1
+    q_pos = np.zeros(d_n, dtype=np.float32)
+    q_neg = np.zeros(d_n, dtype=np.float32)
+    for g in range(g_n):
+        for j in range(d_n):
+            x = q[b, h * g_n + g, j]
+            if x > 0:
+                q_pos[j] += x
+            else:
+                q_neg[j] += x
+    bound = np.empty(pages, dtype=np.float32)
+    for p in range(pages):
+        acc = np.float32(0.0)
+        for j in range(d_n):
+            acc += q_pos[j] * kmax[b, h, p, j] + q_neg[j] * kmin[b, h, p, j]
+        bound[p] = acc if (not padded or nonempty[b, p]) else -np.inf
+    c = 0
+    taken = np.zeros(pages, dtype=np.bool_)
+    if keep > 0:
+        cut = np.partition(bound, pages - keep)[pages - keep]  # the keep-th largest bound
+        ties = keep
+        for p in range(pages):
+            if bound[p] > cut:
+                ties -= 1
+        for p in range(pages):  # ascending page order: memory is read forwards
+            if c < keep and (bound[p] > cut or (bound[p] == cut and ties > 0)):
+                if bound[p] == cut:
+                    ties -= 1
+                sel[b, h, c] = p
+                taken[p] = True
+                c += 1
+    p = 0
+    while c < keep:  # only with NaN bounds (they compare false): the first pages left, never out of range
+        if not taken[p]:
+            sel[b, h, c] = p
+            c += 1
+        p += 1
+    sel[b, h, keep] = pages
+
+
+@numba.njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
+def select_kernel(q, kmin, kmax, nonempty, padded, pages, sel):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+    # select_one for every (sequence, KV head), over the cores
+    h_n = kmin.shape[1]
+    for bh in numba.prange(q.shape[0] * h_n):
+        select_one(q, kmin, kmax, nonempty, padded, pages, sel, bh // h_n, bh % h_n)
+
+
 @cache
 def attention_kernel(g_n: int, d_n: int) -> Any:
     """The attention kernel for ``g_n`` query heads per KV head and head dim ``d_n``, both
@@ -167,16 +226,27 @@ def attention_kernel(g_n: int, d_n: int) -> Any:
     G, D = g_n, d_n
 
     @numba.njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
-    def attention(q, k, v, first, size, last, mask, mask_offset, own, scaling, per_task, tasks, out):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+    def attention(  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+        q, k, v, first, size, last, mask, mask_offset, own, scaling, per_task, tasks, out, kmin, kmax, pages, cap, sel
+    ):
         # q (B, Hq, D); k, v (R, D) contiguous rows; first (B, Hkv, P): the first row of each run, the
         # runs of a (b, h) in key-position order: run p holds positions [p*size, p*size + size), the
         # last run only ``last`` of them; position ``own`` (or -1) is always attended; mask
         # (B, Hkv, M) bool or (0, 0, 0): position x is left out where mask[b, h, mask_offset + x] is False;
         # task (b, h, c), c < tasks, reads runs [c*per_task, (c+1)*per_task) and leaves part_m, part_l
         # (B, Hkv, T, G) (max logit, sum of exp) and part_o (B, Hkv, T, G, D) (unnormalised output);
-        # then the tasks of each (b, h) merge into out (B, Hq, D)
+        # then the tasks of each (b, h) merge into out (B, Hq, D). With pages > 0 (quest) the runs are
+        # selected first, in the same call: select_one over kmin, kmax (B, Hkv, C, D) into sel
+        # (B, Hkv, P), and run i of (b, h) is page sel[b, h, i] of a page-major buffer of cap pages
+        # per head (first is filled); pages == 0 skips that (kmin, kmax, sel may be empty)
         b_n = q.shape[0]
         h_n, p_n = first.shape[1], first.shape[2]
+        if pages > 0:
+            for bh in numba.prange(b_n * h_n):
+                b, h = bh // h_n, bh % h_n
+                select_one(q, kmin, kmax, _NO_PAGES, False, pages, sel, b, h)
+                for i in range(p_n):
+                    first[b, h, i] = (bh * cap + sel[b, h, i]) * size
         masked = mask.shape[0] > 0
         part_m = np.empty((b_n, h_n, tasks, G), dtype=np.float32)
         part_l = np.empty((b_n, h_n, tasks, G), dtype=np.float32)

@@ -24,67 +24,12 @@ import numpy as np
 import torch
 
 from memfusion.kv import decodeattn
-from memfusion.kv.kernels import FAST, available, serves
+from memfusion.kv.kernels import available, serves
 
-__all__ = ["append_token", "available", "page_attention", "select_pages", "serves"]
+__all__ = ["append_token", "available", "page_attention", "select_and_attend", "select_pages", "serves"]
 
 _ALL_PAGES = np.ones((1, 1), dtype=np.bool_)
 """The selection kernel's ``nonempty`` when nothing is padded (it then reads none of it)."""
-
-
-@cache
-def _select_kernel() -> Any:
-    import numba
-
-    @numba.njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
-    def select(q, kmin, kmax, nonempty, padded, pages, sel):  # type: ignore[no-untyped-def]  # pragma: no cover
-        # q (B, Hq, D); kmin, kmax (B, Hkv, C, D); nonempty (B, C) bool; candidates: pages [0, pages);
-        # sel (B, Hkv, keep + 1) out: the keep best candidates in ascending order, then page ``pages``
-        b_n, hq, d_n = q.shape
-        h_n = kmin.shape[1]
-        g_n = hq // h_n
-        keep = sel.shape[2] - 1
-        for bh in numba.prange(b_n * h_n):
-            b, h = bh // h_n, bh % h_n
-            q_pos = np.zeros(d_n, dtype=np.float32)
-            q_neg = np.zeros(d_n, dtype=np.float32)
-            for g in range(g_n):
-                for j in range(d_n):
-                    x = q[b, h * g_n + g, j]
-                    if x > 0:
-                        q_pos[j] += x
-                    else:
-                        q_neg[j] += x
-            bound = np.empty(pages, dtype=np.float32)
-            for p in range(pages):
-                acc = np.float32(0.0)
-                for j in range(d_n):
-                    acc += q_pos[j] * kmax[b, h, p, j] + q_neg[j] * kmin[b, h, p, j]
-                bound[p] = acc if (not padded or nonempty[b, p]) else -np.inf
-            c = 0
-            taken = np.zeros(pages, dtype=np.bool_)
-            if keep > 0:
-                cut = np.partition(bound, pages - keep)[pages - keep]  # the keep-th largest bound
-                ties = keep
-                for p in range(pages):
-                    if bound[p] > cut:
-                        ties -= 1
-                for p in range(pages):  # ascending page order: memory is read forwards
-                    if c < keep and (bound[p] > cut or (bound[p] == cut and ties > 0)):
-                        if bound[p] == cut:
-                            ties -= 1
-                        sel[b, h, c] = p
-                        taken[p] = True
-                        c += 1
-            p = 0
-            while c < keep:  # only with NaN bounds (they compare false): the first pages left, never out of range
-                if not taken[p]:
-                    sel[b, h, c] = p
-                    c += 1
-                p += 1
-            sel[b, h, keep] = pages
-
-    return select
 
 
 @cache
@@ -120,7 +65,9 @@ def select_pages(
     (B, C)`` bool (pages without a valid key score ``-inf``) or None when nothing is padded."""
     b, hq, _, d = q.shape
     sel = np.empty((b, kmin.shape[1], keep + 1), dtype=np.int64)  # numpy: fewer torch calls per layer step
-    _select_kernel()(
+    from memfusion.kv.jitkernels import select_kernel  # numba: imported on first use
+
+    select_kernel(
         np.ascontiguousarray(q.numpy().reshape(b, hq, d)),
         kmin.numpy(),
         kmax.numpy(),
@@ -179,3 +126,30 @@ def page_attention(
     first = (heads + sel.numpy()) * s  # (B, Hkv, P): each selected page's first row in (B*Hkv*C*S, D)
     rows_k, rows_v = k.numpy().reshape(-1, d), v.numpy().reshape(-1, d)
     return decodeattn.run_rows(q, rows_k, rows_v, first, s, last, scaling, mask, 0, -1)
+
+
+def select_and_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    pages: int,
+    keep: int,
+    last: int,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_pages` then :func:`page_attention` in one compiled call, when nothing is padded
+    (no key mask): one dispatch and one set of conversions per layer step instead of two, each torch
+    or numpy call costing 5-15 us between a decode step's matmuls. Arguments as there; returns
+    ``(out (B, 1, Hq, D), sel (B, Hkv, keep + 1))``."""
+    b, h, c, s, d = k.shape
+    if not (k.is_contiguous() and v.is_contiguous() and kmin.is_contiguous() and kmax.is_contiguous()):
+        raise ValueError("select_and_attend reads pages and bounds in place: pass contiguous buffers")
+    sel = np.empty((b, h, keep + 1), dtype=np.int64)
+    first = np.empty_like(sel)  # filled by the kernel from sel
+    rows_k, rows_v = k.numpy().reshape(-1, d), v.numpy().reshape(-1, d)
+    out = decodeattn.run_rows(
+        q, rows_k, rows_v, first, s, last, scaling, None, 0, -1, (kmin.numpy(), kmax.numpy(), pages, c, sel)
+    )
+    return out, torch.from_numpy(sel)

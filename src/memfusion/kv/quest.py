@@ -248,6 +248,14 @@ class QuestLayer(KVLayer):
         pages, budget, cap = self.num_pages, self.cfg.budget_pages, self.cap
         cur = pages - 1
         in_place = pageattn.serves(q, self.k)
+        if in_place and not self.padded and not self.cfg.oracle_recall:  # selection and attention, one call
+            out, sel = pageattn.select_and_attend(
+                q, self.k, self.v, self.kmin, self.kmax, cur, budget - 1, S - (-self.slots % S), scaling
+            )
+            self.pages_selected += b * h * budget
+            self.pages_total += b * h * pages
+            self.last_selection = sel
+            return out
         if in_place:  # bounds, top pages and their order in one pass (the same choice as below)
             sel = pageattn.select_pages(
                 q, self.kmin, self.kmax, self.nonempty if self.padded else None, cur, budget - 1
