@@ -31,7 +31,7 @@ import torch
 
 from memfusion.kv.kernels import serves
 
-__all__ = ["CHUNK", "decode_attention", "run_attention", "run_rows", "serves"]
+__all__ = ["CHUNK", "decode_attention", "decode_rows", "run_attention", "run_rows", "serves"]
 
 _NO_MASK = np.zeros((0, 0, 0), dtype=np.bool_)
 """The kernels' "no mask" argument (an empty array keeps one compiled signature)."""
@@ -139,12 +139,29 @@ def decode_attention(
     leave out (padding), or None. The last slot, ``start + n - 1``, is the query's own key and is
     always attended (``causal_tail=1`` of :func:`~memfusion.kv.attention.grouped_attention`), so no
     row is empty. Returns ``(B, 1, Hq, D)``, the layout of ``grouped_attention``."""
-    b, hkv, cap, d = k.shape
+    cap = k.shape[2]
     if n < 1 or start < 0 or start + n > cap:
         raise ValueError(f"keys [{start}, {start + n}) are not inside a buffer of {cap} slots")
     if not (k.is_contiguous() and v.is_contiguous()):
         raise ValueError("decode_attention reads whole buffers: pass contiguous k and v")
+    return decode_rows(q, k.numpy(), v.numpy(), start, n, scaling, mask, chunk)
+
+
+def decode_rows(
+    q: torch.Tensor,
+    k: np.ndarray,
+    v: np.ndarray,
+    start: int,
+    n: int,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+    chunk: int = CHUNK,
+) -> torch.Tensor:
+    """:func:`decode_attention` on numpy buffers ``k``, ``v`` ``(B, Hkv, N_cap, D)`` (C-contiguous, and
+    ``[start, start + n)`` inside them: not checked), for a caller that keeps numpy views of its
+    buffers (:class:`~memfusion.kv.policy.TokenStore`): no torch call to reach them."""
+    b, hkv, cap, d = k.shape
     runs = -(-n // chunk)
     first = _whole_runs(b, hkv, cap, start, runs, chunk)
-    kn, vn = k.numpy().reshape(-1, d), v.numpy().reshape(-1, d)
-    return run_rows(q, kn, vn, first, chunk, n - (runs - 1) * chunk, scaling, mask, start, n - 1)
+    rows_k, rows_v = k.reshape(-1, d), v.reshape(-1, d)
+    return run_rows(q, rows_k, rows_v, first, chunk, n - (runs - 1) * chunk, scaling, mask, start, n - 1)

@@ -196,9 +196,9 @@ class TokenStore:
         self.padded = False
         self.capacity = 0
         self.fields: dict[str, torch.Tensor] = {}
-        #: numpy views of ``fields`` on the CPU (None elsewhere): a decode step's append writes a few
-        #: rows per field, ~1 us with numpy against ~5 us per torch index assignment
-        self._host: dict[str, np.ndarray] | None = None
+        #: numpy views of ``fields`` on the CPU (None elsewhere), for the decode step's compiled append
+        #: and attention: no torch call to reach the buffers (5-15 us apiece between a step's matmuls)
+        self.host: dict[str, np.ndarray] | None = None
         self._extra_specs: dict[str, tuple[torch.dtype, float]] = {}
         self._grow(16)
 
@@ -210,7 +210,7 @@ class TokenStore:
 
     def _share(self) -> None:
         on_host = self.spec.device.type == "cpu" and all(t.dtype in HOST_DTYPES for t in self.fields.values())
-        self._host = {name: t.numpy() for name, t in self.fields.items()} if on_host else None
+        self.host = {name: t.numpy() for name, t in self.fields.items()} if on_host else None
 
     def _shape(self, cap: int | None = None) -> tuple[int, int, int]:
         return (self.batch, self.spec.num_kv_heads, self.capacity if cap is None else cap)
@@ -240,8 +240,8 @@ class TokenStore:
         if self.n + m > self.capacity:
             self._grow(self.n + m)
         sl = slice(self.n, self.n + m)
-        if self._host is not None and not (k.requires_grad or v.requires_grad):
-            h = self._host
+        if self.host is not None and not (k.requires_grad or v.requires_grad):
+            h = self.host
             h["k"][:, :, sl] = k.numpy()
             h["v"][:, :, sl] = v.numpy()
             h["pos"][:, :, sl] = pos.numpy()[:, None]  # (B, 1, m) -> every KV head
@@ -265,13 +265,13 @@ class TokenStore:
         """A decode step's append (``k``/``v (B, Hkv, 1, D)``, ``valid (B, 1)``) in one compiled call
         that also advances ``seen (B,)`` (real tokens per sequence) in place. False, and nothing
         done, where that call does not serve (not float32 on the CPU, autograd, no numba)."""
-        if self._host is None or k.requires_grad or v.requires_grad or not decodeattn.serves(k, self.fields["k"]):
+        if self.host is None or k.requires_grad or v.requires_grad or not decodeattn.serves(k, self.fields["k"]):
             return False
         if self.n + 1 > self.capacity:
             self._grow(self.n + 1)
         from memfusion.kv.jitkernels import store_token  # numba: imported on first use
 
-        h = self._host
+        h = self.host
         real = store_token(
             h["k"], h["v"], h["pos"], h["valid"], k.numpy(), v.numpy(), valid.numpy(), seen.numpy(), self.n
         )
@@ -373,7 +373,10 @@ class EvictingLayer(KVLayer):
         elif tq == 1 and kb is None and decodeattn.serves(q, st.fields["k"]):
             # decode: every resident K/V read once, in place, split over the cores
             full_mask = None if mask is None else st.fields["valid"]
-            out = decodeattn.decode_attention(q, st.fields["k"], st.fields["v"], 0, st.n, scaling, full_mask)
+            if st.host is not None:
+                out = decodeattn.decode_rows(q, st.host["k"], st.host["v"], 0, st.n, scaling, full_mask)
+            else:
+                out = decodeattn.decode_attention(q, st.fields["k"], st.fields["v"], 0, st.n, scaling, full_mask)
             probs = None
         else:
             out, probs = grouped_attention(q, st["k"], st["v"], scaling, mask, kb, causal_tail=tq), None
