@@ -19,8 +19,9 @@ page until they diverge (copy-on-write).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -218,14 +219,14 @@ class PagedLayer(KVLayer):
         if plan.copy_src is not None and plan.copy_dst is not None:
             flat_k[:, plan.copy_dst] = flat_k[:, plan.copy_src]
             flat_v[:, plan.copy_dst] = flat_v[:, plan.copy_src]
-        if plan.write_dst.numel() and kp.device.type == "cpu" and kp.dtype in HOST_DTYPES and not k.requires_grad:
-            # numpy's fancy indexing on the CPU: ~4x less per call than torch's, which a decode step pays per layer
-            wd, wb, wt = plan.write_dst.numpy(), plan.write_b.numpy(), plan.write_t.numpy()
-            flat_k.numpy()[:, wd] = k.numpy()[wb, :, wt].transpose(1, 0, 2)  # (Hkv, W, D)
-            flat_v.numpy()[:, wd] = v.numpy()[wb, :, wt].transpose(1, 0, 2)
-        elif plan.write_dst.numel():
-            flat_k[:, plan.write_dst] = k[plan.write_b, :, plan.write_t].transpose(0, 1)  # (Hkv, W, D)
-            flat_v[:, plan.write_dst] = v[plan.write_b, :, plan.write_t].transpose(0, 1)
+        if plan.write_dst.numel():
+            # on the CPU through numpy: its fancy indexing costs ~4x less per call than torch's, which a
+            # decode step pays per layer (same indexing and swapaxes either way)
+            host = kp.device.type == "cpu" and kp.dtype in HOST_DTYPES and not k.requires_grad
+            arr: Callable[[torch.Tensor], Any] = (lambda t: t.numpy()) if host else (lambda t: t)
+            wd, wb, wt = arr(plan.write_dst), arr(plan.write_b), arr(plan.write_t)
+            arr(flat_k)[:, wd] = arr(k)[wb, :, wt].swapaxes(0, 1)  # (W, Hkv, D) -> (Hkv, W, D)
+            arr(flat_v)[:, wd] = arr(v)[wb, :, wt].swapaxes(0, 1)
         if q.shape[2] == 1 and len(plan.reads) == 1:  # a one-sequence decode step
             one = self._decode_one(q, kp, vp, plan.reads[0], scaling)
             if one is not None:

@@ -35,13 +35,7 @@ HOST_DTYPES = (torch.float32, torch.float16, torch.float64, torch.int64, torch.b
 def advance_positions(real_seen: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pos, real_seen')`` for new tokens ``valid (B, Tq)`` after ``real_seen (B,)`` real tokens:
     ``pos (B, Tq)`` is each real token's index among its sequence's real tokens (-1 for padding).
-    CPU tensors go through numpy, cheaper than torch ops on these few elements (a float32 decode
-    step on the CPU does not come here: :meth:`TokenStore.append_token` counts in its one call)."""
-    if valid.device.type == "cpu":
-        vn = valid.numpy()
-        counts = vn.cumsum(axis=1)  # (B, Tq) int64
-        seen = real_seen.numpy()
-        return torch.from_numpy(np.where(vn, seen[:, None] + counts - 1, -1)), torch.from_numpy(seen + counts[:, -1])
+    (A float32 decode step on the CPU counts in :meth:`TokenStore.append_token` instead.)"""
     csum = valid.long().cumsum(dim=1)
     return torch.where(valid, real_seen.unsqueeze(1) + csum - 1, -1), real_seen + csum[:, -1]
 
@@ -240,25 +234,14 @@ class TokenStore:
         if self.n + m > self.capacity:
             self._grow(self.n + m)
         sl = slice(self.n, self.n + m)
-        if self.host is not None and not (k.requires_grad or v.requires_grad):
-            h = self.host
-            h["k"][:, :, sl] = k.numpy()
-            h["v"][:, :, sl] = v.numpy()
-            h["pos"][:, :, sl] = pos.numpy()[:, None]  # (B, 1, m) -> every KV head
-            vn = valid.numpy()
-            h["valid"][:, :, sl] = vn[:, None]
-            self.padded = self.padded or not vn.all()
-            for name, (_, fill) in self._extra_specs.items():
-                h[name][:, :, sl] = fill
-        else:
-            f = self.fields
-            f["k"][:, :, sl] = k
-            f["v"][:, :, sl] = v
-            f["pos"][:, :, sl] = pos.unsqueeze(1)  # (B, 1, m) -> every KV head
-            f["valid"][:, :, sl] = valid.unsqueeze(1)
-            self.padded = self.padded or not bool(valid.all())
-            for name, (_, fill) in self._extra_specs.items():
-                f[name][:, :, sl] = fill
+        f = self.fields
+        f["k"][:, :, sl] = k
+        f["v"][:, :, sl] = v
+        f["pos"][:, :, sl] = pos.unsqueeze(1)  # (B, 1, m) -> every KV head
+        f["valid"][:, :, sl] = valid.unsqueeze(1)
+        self.padded = self.padded or not bool(valid.all())
+        for name, (_, fill) in self._extra_specs.items():
+            f[name][:, :, sl] = fill
         self.n += m
 
     def append_token(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, seen: torch.Tensor) -> bool:

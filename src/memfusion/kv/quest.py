@@ -221,10 +221,16 @@ class QuestLayer(KVLayer):
         key_mask = self.valid.view(b, 1, self.cap * self.cfg.page_size)[:, :, : self.slots]  # (B, 1, n)
         if tq > 1:
             return grouped_attention(q, self._flat(self.k), self._flat(self.v), scaling, key_mask, causal_tail=tq)
-        self.pages_selected += b * self.spec.num_kv_heads * pages
-        self.pages_total += b * self.spec.num_kv_heads * pages
-        self.last_selection = None
+        self._count_selection(pages, None)
         return grouped_attention(q, self._flat(self.k), self._flat(self.v), scaling, key_mask, causal_tail=1)
+
+    def _count_selection(self, read: int, sel: torch.Tensor | None) -> None:
+        """A decode step read ``read`` of the ``num_pages`` pages of every (sequence, KV head);
+        ``sel``: which (None: all)."""
+        bh = self.batch * self.spec.num_kv_heads
+        self.pages_selected += bh * read
+        self.pages_total += bh * self.num_pages
+        self.last_selection = sel
 
     def page_scores(self, q: torch.Tensor, pages: int) -> torch.Tensor:
         """``(B, Hkv, pages)``: the group-summed bound ``sum_g sum_d max(q_gd kmin_d, q_gd kmax_d)``.
@@ -248,13 +254,12 @@ class QuestLayer(KVLayer):
         pages, budget, cap = self.num_pages, self.cfg.budget_pages, self.cap
         cur = pages - 1
         in_place = pageattn.serves(q, self.k)
+        tail = -self.slots % S  # unwritten slots at the end of the current page (the last selected)
         if in_place and not self.padded and not self.cfg.oracle_recall:  # selection and attention, one call
             out, sel = pageattn.select_and_attend(
-                q, self.k, self.v, self.kmin, self.kmax, cur, budget - 1, S - (-self.slots % S), scaling
+                q, self.k, self.v, self.kmin, self.kmax, cur, budget - 1, S - tail, scaling
             )
-            self.pages_selected += b * h * budget
-            self.pages_total += b * h * pages
-            self.last_selection = sel
+            self._count_selection(budget, sel)
             return out
         if in_place:  # bounds, top pages and their order in one pass (the same choice as below)
             sel = pageattn.select_pages(
@@ -267,15 +272,12 @@ class QuestLayer(KVLayer):
                 # Ascending page order: the gather reads memory forwards; the current page stays last.
                 sel = torch.cat([top.sort(dim=-1).values, sel], dim=-1)  # (B, Hkv, k)
         mask = None  # every selected slot is a real token, except unwritten slots of the current page
-        tail = -self.slots % S  # unwritten slots at the end of the current page (the last selected)
         if self.padded:
             vrows = sel + (torch.arange(b, device=q.device) * cap).view(b, 1, 1)  # rows of a (B*C) view
             mask = self.valid.view(b * cap, S).index_select(0, vrows.view(-1)).view(b, h, budget * S)  # (B, Hkv, k*S)
             mask[:, :, budget * S - S + (self.slots - 1) % S] = True  # the query's own slot, even if padding
             mask = None if bool(mask.all()) else mask
-        self.pages_selected += b * h * budget
-        self.pages_total += b * h * pages
-        self.last_selection = sel
+        self._count_selection(budget, sel)
         if self.cfg.oracle_recall:
             self._oracle(q, sel, scaling)
         if in_place:  # the selected pages read in place, once

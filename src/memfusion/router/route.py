@@ -149,7 +149,8 @@ class Router:
         mem = req.memory_bytes
         reasons = [f"rule: {rule.why}" if rule.why else f"rule: {rule.policy}"]
         extra = (rule.store_policy,) if retrieve and rule.store_policy else ()
-        for policy in dict.fromkeys((rule.policy, *extra, *rule.fallbacks)):
+        candidates = tuple(dict.fromkeys((rule.policy, *extra, *rule.fallbacks)))
+        for policy in candidates:
             sizing = size_policy(
                 policy, req.n_tokens, mem, req.token_bytes, req.prefill_chunk, req.elem_bytes, req.layers
             )
@@ -164,7 +165,6 @@ class Router:
                 if policy in BOUNDED and sizing.budget < req.n_tokens:
                     reasons.append(f"{policy} sized to {sizing.budget} of {req.n_tokens} tokens to fit the budget")
                 return rule, sizing, reasons
-        candidates = tuple(dict.fromkeys((rule.policy, *extra, *rule.fallbacks)))
         need = smallest_feasible_bytes(
             candidates, req.n_tokens, req.token_bytes, req.prefill_chunk, req.elem_bytes, req.layers
         )

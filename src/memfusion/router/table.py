@@ -137,7 +137,15 @@ def _quote(text: str) -> str:
 
 
 _RULE_FIELDS = {
-    *("policy", "task", "min_tokens", "max_tokens", "max_latency_ms", "store", "fallbacks", "why", "store_policy")
+    "policy",
+    "task",
+    "min_tokens",
+    "max_tokens",
+    "max_latency_ms",
+    "store",
+    "fallbacks",
+    "why",
+    "store_policy",
 }
 
 
