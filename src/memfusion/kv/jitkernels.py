@@ -24,11 +24,12 @@ from numba.extending import intrinsic
 
 from memfusion.kv.kernels import FAST
 
-SHORT_RUN = 64
-"""Runs of at most this many keys (quest's pages) are software-prefetched ``AHEAD`` runs ahead."""
-AHEAD = 2
 AHEAD_ROWS = 12
-"""Longer runs prefetch the rows this far ahead of the ones they read, as they go (3 KiB at head dim 64)."""
+"""The kernels prefetch the rows this far ahead of the ones they read, as they go (3 KiB at head dim 64)."""
+SHORT_RUN = 64
+"""Runs of at most this many keys (quest's pages) are read 4 rows at a time, each block prefetching the
+rows ``AHEAD_ROWS`` further on in the task's key order (in a later run where this one ends); longer
+runs prefetch within themselves (:func:`fetch_ahead`)."""
 
 _NO_PAGES = np.ones((1, 1), dtype=np.bool_)
 """``nonempty`` for a selection with no padding (select_one then reads none of it)."""
@@ -66,7 +67,7 @@ def exp_shifted(x, bits):  # type: ignore[no-untyped-def]  # pragma: no cover (c
         x[i] *= scale[i]
 
 
-def _row_address(context, builder, aryty, array, row):  # type: ignore[no-untyped-def]
+def _row_address(context, builder, aryty, array, row):  # type: ignore[no-untyped-def]  # pragma: no cover
     """(the array's struct, the address of row ``row`` of the C-contiguous 2-D ``array``, as an i64)."""
     ary = context.make_array(aryty)(context, builder, array)
     strides = cgutils.unpack_tuple(builder, ary.strides)
@@ -82,30 +83,10 @@ def _prefetch_at(builder, address):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
-def _prefetch(typingctx, arr, row, n):  # type: ignore[no-untyped-def]
-    """``prefetch_rows(a, row, n)``: hint the CPU to fetch rows ``[row, row + n)`` of the C-contiguous
-    2-D ``a`` (one prefetch per 64-byte line), for kernels that jump between short runs of rows (quest's
-    pages, where the hardware prefetchers restart at every jump: +10-15% read rate measured on 16-row
-    pages)."""
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        aryty = signature.args[0]
-        ary, start = _row_address(context, builder, aryty, args[0], args[1])
-        shape = cgutils.unpack_tuple(builder, ary.shape)
-        row_bytes = builder.mul(shape[1], context.get_constant(types.intp, aryty.dtype.bitwidth // 8))
-        zero, line = context.get_constant(types.intp, 0), context.get_constant(types.intp, 64)
-        with cgutils.for_range_slice(builder, zero, builder.mul(row_bytes, args[2]), line) as (off, _):
-            _prefetch_at(builder, builder.add(start, off))
-        return context.get_dummy_value()
-
-    return types.void(arr, types.intp, types.intp), codegen
-
-
-@intrinsic
 def _prefetch_line(typingctx, arr, row, col):  # type: ignore[no-untyped-def]
     """``prefetch_line(a, row, col)``: hint the CPU to fetch the 64-byte line holding ``a[row, col]``
     (C-contiguous 2-D ``a``; no bounds check, none needed: a prefetch never faults). With ``col`` a
-    compile-time constant, a row's prefetches are straight-line code (no loop, as prefetch_rows has)."""
+    compile-time constant, a row's prefetches are straight-line code."""
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         aryty = signature.args[0]
@@ -117,8 +98,7 @@ def _prefetch_line(typingctx, arr, row, col):  # type: ignore[no-untyped-def]
     return types.void(arr, types.intp, types.intp), codegen
 
 
-prefetch_rows: Any = _prefetch  # called from the kernels as prefetch_rows(a, row, n)
-prefetch_line: Any = _prefetch_line  # and prefetch_line(a, row, col)
+prefetch_line: Any = _prefetch_line  # called from the kernels as prefetch_line(a, row, col)
 
 
 @numba.njit(fastmath=FAST, cache=True, nogil=True)
@@ -126,11 +106,28 @@ def fetch_ahead(x, a, ahead, D):  # type: ignore[no-untyped-def]  # pragma: no c
     # prefetch rows [a + ahead, a + ahead + 4) of x (float32, so a line is 16 columns), for the loops
     # below (4 rows a block): the hardware prefetchers alone leave a core's loads waiting on memory,
     # so reading and computing take their sum, not their max (4K keys from memory: 194 -> 123 us with
-    # ahead = 12 rows, ~3 KiB). ahead = 0: none (short runs, prefetched a run at a time instead)
+    # ahead = 12 rows, ~3 KiB). ahead = 0: none (short runs: fetch_in_order)
     if ahead > 0:
-        for z in range(4):
-            for c in range(0, D, 16):
-                prefetch_line(x, a + ahead + z, c)
+        fetch_four(x, a + ahead, D)
+
+
+@numba.njit(fastmath=FAST, cache=True, nogil=True)
+def fetch_four(x, r, D):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+    # prefetch rows [r, r + 4) of x, a line (16 float32 columns) at a time
+    for z in range(4):
+        for c in range(0, D, 16):
+            prefetch_line(x, r + z, c)
+
+
+@numba.njit(fastmath=FAST, cache=True, nogil=True)
+def fetch_in_order(x, first, b, h, p, s, p_hi, size, D):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+    # fetch_ahead over short runs: prefetch the 4 rows AHEAD_ROWS after row s of run p in the order
+    # the task reads them (runs first[b, h, p:p_hi] of size rows), so into a later run where p ends.
+    # Quest's 16-row pages from memory: 162 -> 141 us for 256 pages x 2 heads (whole runs 2 ahead before)
+    t = s + AHEAD_ROWS
+    p2 = p + t // size
+    if p2 < p_hi:
+        fetch_four(x, first[b, h, p2] + t % size, D)
 
 
 @numba.njit(fastmath=FAST, cache=True, nogil=True)
@@ -270,8 +267,8 @@ def attention_kernel(g_n: int, d_n: int) -> Any:
     compile-time constants (ints in the closure, so they key numba's cache): the dot products unroll
     over the head dim and keep their accumulators in registers, ~1.5x fewer cycles per key than
     loops over runtime sizes (201 -> 123 us for 4K keys x 2 KV heads, 4 query heads each, in L3).
-    ``kernel(q, k, v, first, size, last, mask, mask_offset, own, scaling, per_task, tasks, out)``,
-    shapes in the body."""
+    ``kernel(q, k, v, first, size, last, mask, mask_offset, own, scaling, per_task, tasks, out, kmin, kmax,
+    pages, cap, sel)``, shapes in the body."""
     G, D = g_n, d_n
 
     @numba.njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
@@ -314,15 +311,21 @@ def attention_kernel(g_n: int, d_n: int) -> Any:
                     qs[g, j] = q[b, h * G + g, j] * scaling
             logits = np.empty((G, count), dtype=np.float32)
             for p in range(p_lo, p_hi):
-                if size <= SHORT_RUN and p + AHEAD < p_hi:  # short runs: fetch a later run's rows meanwhile
-                    prefetch_rows(k, first[b, h, p + AHEAD], size)
-                dots(qs, k, first[b, h, p], size if p < p_n - 1 else last, logits, (p - p_lo) * size, G, D, ahead)
+                n_p = size if p < p_n - 1 else last
+                if ahead:
+                    dots(qs, k, first[b, h, p], n_p, logits, (p - p_lo) * size, G, D, ahead)
+                else:  # short runs: 4 rows at a time, prefetching in the task's order
+                    for s in range(0, n_p, 4):
+                        fetch_in_order(k, first, b, h, p, s, p_hi, size, D)
+                        dots(qs, k, first[b, h, p] + s, min(4, n_p - s), logits, (p - p_lo) * size + s, G, D, 0)
             if masked:
                 for i in range(count):
                     pos = p_lo * size + i
                     if pos != own and not mask[b, h, mask_offset + pos]:
                         for g in range(G):
                             logits[g, i] = -np.inf
+            for s in range(0, AHEAD_ROWS, 4):  # the first V rows, not touched yet, come in meanwhile
+                fetch_in_order(v, first, b, h, p_lo, s - AHEAD_ROWS, p_hi, size, D)
             bits = np.empty(count, dtype=np.int32)
             for g in range(G):
                 row = logits[g]
@@ -338,13 +341,13 @@ def attention_kernel(g_n: int, d_n: int) -> Any:
                     part_l[b, h, c, g] = 0.0
             acc = np.zeros((G, D), dtype=np.float32)
             for p in range(p_lo, p_hi):
-                if size <= SHORT_RUN:
-                    if p == p_lo:  # the V rows of the first runs were not touched by the K pass
-                        for a in range(min(AHEAD, p_hi - p_lo)):
-                            prefetch_rows(v, first[b, h, p_lo + a], size)
-                    if p + AHEAD < p_hi:
-                        prefetch_rows(v, first[b, h, p + AHEAD], size)
-                weigh(logits, (p - p_lo) * size, v, first[b, h, p], size if p < p_n - 1 else last, acc, G, D, ahead)
+                n_p = size if p < p_n - 1 else last
+                if ahead:
+                    weigh(logits, (p - p_lo) * size, v, first[b, h, p], n_p, acc, G, D, ahead)
+                else:
+                    for s in range(0, n_p, 4):
+                        fetch_in_order(v, first, b, h, p, s, p_hi, size, D)
+                        weigh(logits, (p - p_lo) * size + s, v, first[b, h, p] + s, min(4, n_p - s), acc, G, D, 0)
             part_o[b, h, c] = acc
         for b in range(b_n):  # merge: sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c
             for h in range(h_n):

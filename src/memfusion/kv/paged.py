@@ -19,7 +19,6 @@ page until they diverge (copy-on-write).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,26 +70,40 @@ class Paged(PolicyConfig):
             stats.prefix_lookups = layer.state.pool.lookups
 
 
+_NONE = np.zeros(0, dtype=np.int64)
+"""An empty index array (a plan with no copies or writes); never written to."""
+
+
 @dataclass
 class _Read:
     """One sequence's view of a forward: its page runs, length and per-query key limit."""
 
     runs: list[tuple[int, int]]
     length: int
-    limit: torch.Tensor  # (Tq,) int64: query t sees keys at positions < limit[t]
+    limit: np.ndarray  # (Tq,) int64: query t sees keys at positions < limit[t]
     min_limit: int
 
 
 @dataclass
 class _Plan:
-    """One forward's storage work and reads, shared by all layers (flat slot = page*ps + slot)."""
+    """One forward's storage work and reads, shared by all layers (flat slot = page*ps + slot).
 
-    copy_src: torch.Tensor | None  # (C,) flat slots
-    copy_dst: torch.Tensor | None  # (C,)
-    write_b: torch.Tensor  # (W,) batch row of each written token
-    write_t: torch.Tensor  # (W,) its column in the forward
-    write_dst: torch.Tensor  # (W,) its flat slot
+    Index arrays are numpy int64 (a decode step plans one token per sequence, where each torch call
+    costs 5-15 us); :meth:`on` gives them as tensors on the storage's device where torch indexes."""
+
+    copy_src: np.ndarray  # (C,) flat slots
+    copy_dst: np.ndarray  # (C,)
+    write_b: np.ndarray  # (W,) batch row of each written token
+    write_t: np.ndarray  # (W,) its column in the forward
+    write_dst: np.ndarray  # (W,) its flat slot
     reads: list[_Read]
+
+    def on(self, device: torch.device) -> _Plan:
+        def t(x: np.ndarray) -> Any:
+            return torch.from_numpy(x).to(device)
+
+        copies = t(self.copy_src), t(self.copy_dst)
+        return _Plan(*copies, t(self.write_b), t(self.write_t), t(self.write_dst), self.reads)
 
 
 class PagedState:
@@ -126,9 +139,10 @@ class PagedState:
         self.ids = None
         ids_rows: list[list[int]] | None = None if ids is None else ids.tolist()
         ps = self.page_size
-        valid_cpu = valid.cpu().numpy()  # numpy: a decode step plans a few tokens, where torch ops cost more
+        valid_cpu = valid.cpu().numpy()  # numpy throughout: a decode step plans one token a sequence
         all_valid = bool(valid_cpu.all())
-        csum = valid_cpu.cumsum(axis=1)  # (B, Tq) int64
+        # real tokens up to each column (B, Tq); with no padding the same 1..Tq for every row
+        csum = np.arange(1, tq + 1)[None].repeat(b, 0) if all_valid else valid_cpu.cumsum(axis=1)
         cs: list[int] = []
         cd: list[int] = []
         wb: list[int] = []
@@ -149,28 +163,14 @@ class PagedState:
                 wd += range(page * ps + slot, page * ps + slot + count)
             # A padding query sees what its row's next real token would see (at least one key,
             # so no softmax row is empty once the sequence holds a token).
-            limit = np.maximum(old + csum[row], 1)  # (Tq,)
-            reads.append(
-                _Read(
-                    self.pool.runs(seq),
-                    self.pool.length(seq),
-                    torch.from_numpy(limit).to(valid.device),
-                    int(limit.min()),
-                )
-            )
-        dev = valid.device
+            limit = old + csum[row]  # (Tq,)
+            low = old + 1 if all_valid else max(int(limit.min()), 1)
+            reads.append(_Read(self.pool.runs(seq), old + len(cols), limit if all_valid else np.maximum(limit, 1), low))
 
-        def tensor(xs: list[int]) -> torch.Tensor:
-            return torch.from_numpy(np.array(xs, dtype=np.int64)).to(dev)  # torch.tensor(list) is ~3x slower
+        def index(xs: list[int]) -> np.ndarray:
+            return np.array(xs, dtype=np.int64) if xs else _NONE
 
-        self.plan = _Plan(
-            copy_src=tensor(cs) if cs else None,
-            copy_dst=tensor(cd) if cd else None,
-            write_b=tensor(wb),
-            write_t=tensor(wt),
-            write_dst=tensor(wd),
-            reads=reads,
-        )
+        self.plan = _Plan(index(cs), index(cd), index(wb), index(wt), index(wd), reads)
         self.step += 1
 
 
@@ -183,6 +183,9 @@ class PagedLayer(KVLayer):
         self.step = 0
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        #: numpy views of ``k``/``v`` as ``(Hkv, slots, D)`` on the CPU for float32/64 (None elsewhere):
+        #: a decode step writes and reads them without a torch call
+        self.host: tuple[np.ndarray, np.ndarray] | None = None
 
     def observe_input_ids(self, input_ids: torch.Tensor) -> None:
         self.state.observe(input_ids)
@@ -202,6 +205,9 @@ class PagedLayer(KVLayer):
                 k[:, : self.k.shape[1]] = self.k
                 v[:, : self.v.shape[1]] = self.v
             self.k, self.v = k, v
+            host = s.device.type == "cpu" and s.dtype in HOST_DTYPES
+            flat = (shape[0], cap * ps, shape[3])
+            self.host = (k.numpy().reshape(flat), v.numpy().reshape(flat)) if host else None
         return self.k, self.v
 
     def attend(
@@ -214,41 +220,41 @@ class PagedLayer(KVLayer):
         assert plan is not None
         kp, vp = self._storage()
         hkv, cap, ps, d = kp.shape
-        flat_k = kp.view(hkv, cap * ps, d)  # (Hkv, slots, D)
-        flat_v = vp.view(hkv, cap * ps, d)
-        if plan.copy_src is not None and plan.copy_dst is not None:
-            flat_k[:, plan.copy_dst] = flat_k[:, plan.copy_src]
-            flat_v[:, plan.copy_dst] = flat_v[:, plan.copy_src]
-        if plan.write_dst.numel():
-            # on the CPU through numpy: its fancy indexing costs ~4x less per call than torch's, which a
-            # decode step pays per layer (same indexing and swapaxes either way)
-            host = kp.device.type == "cpu" and kp.dtype in HOST_DTYPES and not k.requires_grad
-            arr: Callable[[torch.Tensor], Any] = (lambda t: t.numpy()) if host else (lambda t: t)
-            wd, wb, wt = arr(plan.write_dst), arr(plan.write_b), arr(plan.write_t)
-            arr(flat_k)[:, wd] = arr(k)[wb, :, wt].swapaxes(0, 1)  # (W, Hkv, D) -> (Hkv, W, D)
-            arr(flat_v)[:, wd] = arr(v)[wb, :, wt].swapaxes(0, 1)
+        # on the CPU through numpy (fancy indexing ~4x cheaper a call than torch's, which a decode
+        # step pays per layer); elsewhere, or under autograd, torch on the flat views
+        flat_k: Any  # (Hkv, slots, D), numpy or torch, and the new tokens alike
+        flat_v: Any
+        new_k: Any
+        new_v: Any
+        if self.host is not None and not k.requires_grad:
+            (flat_k, flat_v), new_k, new_v, idx = self.host, k.numpy(), v.numpy(), plan
+        else:
+            flat_k, flat_v = kp.view(hkv, cap * ps, d), vp.view(hkv, cap * ps, d)
+            new_k, new_v, idx = k, v, plan.on(kp.device)
+        if len(plan.copy_dst):
+            flat_k[:, idx.copy_dst] = flat_k[:, idx.copy_src]
+            flat_v[:, idx.copy_dst] = flat_v[:, idx.copy_src]
+        if len(plan.write_dst):
+            flat_k[:, idx.write_dst] = new_k[idx.write_b, :, idx.write_t].swapaxes(0, 1)  # (W, Hkv, D) -> (Hkv, W, D)
+            flat_v[:, idx.write_dst] = new_v[idx.write_b, :, idx.write_t].swapaxes(0, 1)
         if q.shape[2] == 1 and len(plan.reads) == 1:  # a one-sequence decode step
-            one = self._decode_one(q, kp, vp, plan.reads[0], scaling)
+            one = self._decode_one(q, kp, plan.reads[0], scaling)
             if one is not None:
                 return one
         outs = [self._attend_one(q[i], kp, vp, r, scaling) for i, r in enumerate(plan.reads)]
         out = torch.stack(outs)  # (B, Hq, Tq, D)
         return out.transpose(1, 2)  # (B, Tq, Hq, D)
 
-    def _decode_one(
-        self, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, r: _Read, scaling: float
-    ) -> torch.Tensor | None:
+    def _decode_one(self, q: torch.Tensor, kp: torch.Tensor, r: _Read, scaling: float) -> torch.Tensor | None:
         """A one-sequence decode step whose pages form one run, by the split-K kernel in place:
         ``q (1, Hq, 1, D)`` -> ``(1, 1, Hq, D)``; None where that does not apply. The batch-of-one
         case of :meth:`_attend_one` without its per-sequence views, stack and transpose (each torch
         call costs 5-15 us between a decode step's matmuls)."""
-        if len(r.runs) != 1 or r.length > r.min_limit or not decodeattn.serves(q, kp):
+        if len(r.runs) != 1 or r.length > r.min_limit or self.host is None or not decodeattn.serves(q, kp):
             return None
-        hkv, cap, ps, d = kp.shape
-        first = r.runs[0][0]  # the run is slots [first * ps, first * ps + length) of each head
-        return decodeattn.decode_attention(
-            q, kp.view(1, hkv, cap * ps, d), vp.view(1, hkv, cap * ps, d), first * ps, r.length, scaling
-        )
+        hk, hv = self.host  # (Hkv, slots, D)
+        first = r.runs[0][0] * kp.shape[2]  # the run is slots [first, first + length) of each head
+        return decodeattn.decode_rows(q, hk[None], hv[None], first, r.length, scaling)
 
     def _attend_one(
         self, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, r: _Read, scaling: float
@@ -265,7 +271,7 @@ class PagedLayer(KVLayer):
             mask = None
             if start + count > r.min_limit:  # some query must not see some key of this run
                 pos = torch.arange(start, start + count, device=q.device)  # (N,)
-                allowed = pos.unsqueeze(0) < r.limit.unsqueeze(1)  # (Tq, N)
+                allowed = pos.unsqueeze(0) < torch.from_numpy(r.limit).to(q.device).unsqueeze(1)  # (Tq, N)
                 mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
             parts.append((keys, vals, mask))
             start += count
