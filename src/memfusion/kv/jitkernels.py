@@ -67,32 +67,24 @@ def exp_shifted(x, bits):  # type: ignore[no-untyped-def]  # pragma: no cover (c
         x[i] *= scale[i]
 
 
-def _row_address(context, builder, aryty, array, row):  # type: ignore[no-untyped-def]  # pragma: no cover
-    """(the array's struct, the address of row ``row`` of the C-contiguous 2-D ``array``, as an i64)."""
-    ary = context.make_array(aryty)(context, builder, array)
-    strides = cgutils.unpack_tuple(builder, ary.strides)
-    return ary, builder.add(builder.ptrtoint(ary.data, ir.IntType(64)), builder.mul(row, strides[0]))
-
-
-def _prefetch_at(builder, address):  # type: ignore[no-untyped-def]
-    """``llvm.prefetch`` (read, high locality, data cache) of the line holding the i64 ``address``;
-    a hint only: it never faults, whatever the address."""
-    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), _PREFETCH)
-    builder.call(fn, [builder.inttoptr(address, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-
-
 @intrinsic
 def _prefetch_line(typingctx, arr, row, col):  # type: ignore[no-untyped-def]
     """``prefetch_line(a, row, col)``: hint the CPU to fetch the 64-byte line holding ``a[row, col]``
-    (C-contiguous 2-D ``a``; no bounds check, none needed: a prefetch never faults). With ``col`` a
-    compile-time constant, a row's prefetches are straight-line code."""
+    (C-contiguous 2-D ``a``; no bounds check, none needed: a prefetch never faults) through
+    ``llvm.prefetch`` (read, high locality, data cache). With ``col`` a compile-time constant, a row's
+    prefetches are straight-line code."""
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         aryty = signature.args[0]
-        _, start = _row_address(context, builder, aryty, args[0], args[1])
+        ary = context.make_array(aryty)(context, builder, args[0])
+        stride = cgutils.unpack_tuple(builder, ary.strides)[0]
         item = context.get_constant(types.intp, aryty.dtype.bitwidth // 8)
-        _prefetch_at(builder, builder.add(start, builder.mul(args[2], item)))
+        offset = builder.add(builder.mul(args[1], stride), builder.mul(args[2], item))
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        signature_ir = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, signature_ir, _PREFETCH)
+        address = builder.inttoptr(builder.add(builder.ptrtoint(ary.data, ir.IntType(64)), offset), i8p)
+        builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
     return types.void(arr, types.intp, types.intp), codegen
