@@ -96,10 +96,12 @@ def test_policies_decode_the_same_with_the_kernel_and_with_torch_ops(
 
 
 @pytest.mark.parametrize(
-    ("size", "pages", "last"), [(16, 70, 9), (16, 3, 16), (4, 300, 1), (512, 2, 100), (1000, 2, 7)]
+    ("size", "pages", "last"),
+    [(16, 70, 9), (16, 3, 16), (4, 300, 1), (6, 40, 5), (13, 20, 13), (512, 2, 100), (1000, 2, 7)],
 )
 def test_scattered_runs_match_brute_force(size: int, pages: int, last: int) -> None:
-    """Runs (quest's pages) scattered over the buffer in any order, several tasks per head, a mask."""
+    """Runs (quest's pages) scattered over the buffer in any order, several tasks per head, a mask; short
+    runs of any size (read 4 rows at a time, prefetching into the next run) and long ones."""
     g = torch.Generator().manual_seed(size * pages)
     b, hq, hkv, d, cap = 2, 4, 2, 16, pages + 5  # cap pages per head in a page-major buffer
     q = torch.randn(b, hq, 1, d, generator=g)
