@@ -1,5 +1,6 @@
 """memfusion's compiled decode attention (numba): the split-K kernel over runs of key rows and what
-it calls - the blocked dot products and weighted sums, a vectorisable ``exp``, a software prefetch.
+it calls - the blocked dot products and weighted sums, a vectorisable ``exp``, a software prefetch -
+quest's page selection, and the decode steps' token appends (dense's store, quest's pages).
 
 numba is imported with this module: :mod:`memfusion.kv.decodeattn` imports it on a kernel's first
 use, so ``import memfusion.kv`` stays light. Everything a kernel calls is a module global here and
@@ -22,7 +23,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from memfusion.kv.kernels import FAST
+from memfusion.kv.kernels import ALL_PAGES, FAST
 
 AHEAD_ROWS = 12
 """The kernels prefetch the rows this far ahead of the ones they read, as they go (3 KiB at head dim 64)."""
@@ -30,9 +31,6 @@ SHORT_RUN = 64
 """Runs of at most this many keys (quest's pages) are read 4 rows at a time, each block prefetching the
 rows ``AHEAD_ROWS`` further on in the task's key order (in a later run where this one ends); longer
 runs prefetch within themselves (:func:`fetch_ahead`)."""
-
-_NO_PAGES = np.ones((1, 1), dtype=np.bool_)
-"""``nonempty`` for a selection with no padding (select_one then reads none of it)."""
 
 _PREFETCH = "llvm.prefetch.p0" if binding.llvm_version_info >= (15,) else "llvm.prefetch.p0i8"
 """``llvm.prefetch``'s name carries its pointer type: opaque ``ptr`` from LLVM 15 on, ``i8*`` before."""
@@ -282,7 +280,7 @@ def attention_kernel(g_n: int, d_n: int) -> Any:
         if pages > 0:
             for bh in numba.prange(b_n * h_n):
                 b, h = bh // h_n, bh % h_n
-                select_one(q, kmin, kmax, _NO_PAGES, False, pages, sel, b, h)
+                select_one(q, kmin, kmax, ALL_PAGES, False, pages, sel, b, h)
                 for i in range(p_n):
                     first[b, h, i] = (bh * cap + sel[b, h, i]) * size
         masked = mask.shape[0] > 0
@@ -359,6 +357,24 @@ def attention_kernel(g_n: int, d_n: int) -> Any:
                         out[b, h * G + g, j] /= total
 
     return attention
+
+
+@numba.njit(cache=True, nogil=True)
+def store_page_token(k_buf, v_buf, kmin, kmax, valid, nonempty, k, v, page, slot):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+    # quest's decode append: k_buf, v_buf (B, Hkv, C, S, D); kmin, kmax (B, Hkv, C, D); valid (B, C, S);
+    # nonempty (B, C); k, v (B, Hkv, D): one real token per sequence, written at (page, slot), its
+    # page's bounds widened
+    b_n, h_n, d_n = k.shape
+    for b in range(b_n):
+        valid[b, page, slot] = True
+        nonempty[b, page] = True
+        for h in range(h_n):
+            for j in range(d_n):
+                x = k[b, h, j]
+                k_buf[b, h, page, slot, j] = x
+                v_buf[b, h, page, slot, j] = v[b, h, j]
+                kmin[b, h, page, j] = min(kmin[b, h, page, j], x)
+                kmax[b, h, page, j] = max(kmax[b, h, page, j], x)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 from functools import cache
 
+import numpy as np
 import torch
 
 FAST = {"reassoc", "contract", "nsz", "arcp"}
 """fastmath without ``nnan``/``ninf``: masked slots are ``-inf`` logits."""
+
+ALL_PAGES = np.ones((1, 1), dtype=np.bool_)
+"""Quest's selection kernel's ``nonempty`` when nothing is padded (it then reads none of it)."""
 
 
 @cache

@@ -17,42 +17,13 @@ CUDA tensors and when numba is not installed.
 
 from __future__ import annotations
 
-from functools import cache
-from typing import Any
-
 import numpy as np
 import torch
 
 from memfusion.kv import decodeattn
-from memfusion.kv.kernels import available, serves
+from memfusion.kv.kernels import ALL_PAGES, available, serves
 
 __all__ = ["append_token", "available", "page_attention", "select_and_attend", "select_pages", "serves"]
-
-_ALL_PAGES = np.ones((1, 1), dtype=np.bool_)
-"""The selection kernel's ``nonempty`` when nothing is padded (it then reads none of it)."""
-
-
-@cache
-def _append_kernel() -> Any:
-    import numba
-
-    @numba.njit(cache=True, nogil=True)
-    def append(k_buf, v_buf, kmin, kmax, valid, nonempty, k, v, page, slot):  # type: ignore[no-untyped-def]  # pragma: no cover
-        # k_buf, v_buf (B, Hkv, C, S, D); kmin, kmax (B, Hkv, C, D); valid (B, C, S); nonempty (B, C);
-        # k, v (B, Hkv, D): one real token per sequence, written at (page, slot)
-        b_n, h_n, d_n = k.shape
-        for b in range(b_n):
-            valid[b, page, slot] = True
-            nonempty[b, page] = True
-            for h in range(h_n):
-                for j in range(d_n):
-                    x = k[b, h, j]
-                    k_buf[b, h, page, slot, j] = x
-                    v_buf[b, h, page, slot, j] = v[b, h, j]
-                    kmin[b, h, page, j] = min(kmin[b, h, page, j], x)
-                    kmax[b, h, page, j] = max(kmax[b, h, page, j], x)
-
-    return append
 
 
 def select_pages(
@@ -71,7 +42,7 @@ def select_pages(
         np.ascontiguousarray(q.numpy().reshape(b, hq, d)),
         kmin.numpy(),
         kmax.numpy(),
-        _ALL_PAGES if nonempty is None else nonempty.contiguous().numpy(),
+        ALL_PAGES if nonempty is None else nonempty.contiguous().numpy(),
         nonempty is not None,
         int(pages),
         sel,
@@ -86,7 +57,9 @@ def append_token(layer_buffers: tuple[torch.Tensor, ...], k: torch.Tensor, v: to
     kb, vb, kmin, kmax, valid, nonempty = layer_buffers
     page, off = divmod(slot, kb.shape[3])
     b, h, _, d = k.shape
-    _append_kernel()(
+    from memfusion.kv.jitkernels import store_page_token  # numba: imported on first use
+
+    store_page_token(
         kb.numpy(),
         vb.numpy(),
         kmin.numpy(),
