@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/kv_decode_breakdown.py            # 4K A/B, quest at 32K, prefill at 8K
     .venv/bin/python benchmarks/kv_decode_breakdown.py --ab 4096 --quest 32768 --prefill 32768
     .venv/bin/python benchmarks/kv_decode_breakdown.py --ab 0 --quest 0 --prefill 0   # the kernel alone
+    .venv/bin/python benchmarks/kv_decode_breakdown.py --ab 0 --quest 0 --prefill 0 --kernel '' --prefetch 4096,32768
 
 1. A/B in one process (the benchmark model of `--suite kv`, batch 1): HF's DynamicCache loop,
    `dense` and `paged` (split-K kernel) and `dense` on the torch ops, interleaved ``--reps`` times:
@@ -15,6 +16,10 @@
    (warm: from the caches where it fits) and on buffers rotated through 96 MiB (cold: from memory,
    as in a decode step, where the model's weights pass through the caches between two reads of a
    layer's K/V), and the fixed cost of a call (one key). Median us per call and K/V GB/s.
+5. The kernel's software prefetch on and off (``jitkernels.attention_kernel``'s ``ahead_rows``, 12
+   and 0), interleaved call by call on buffers rotated through 96 MiB (from memory), at each of
+   ``--prefetch`` contexts: dense's contiguous runs and quest's scattered pages (16 rows, 1 in 8 per
+   KV head, ascending). Median us per call.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 import torch
 
 import memfusion.kv as kv
+import memfusion.kv.jitkernels as jit
 from memfusion.bench.kvperf import KVBenchConfig, hf_decode_seconds, reference_llama
 from memfusion.kv import decodeattn, pageattn
 from memfusion.kv.quest import Quest, QuestLayer
@@ -127,6 +133,40 @@ def kernel(contexts: list[int]) -> None:
         print(f"{n} keys ({size >> 20} MiB): {rates}")
 
 
+def prefetch(contexts: list[int], calls: int = 60) -> None:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 1, 64, generator=g)
+    compiled = jit.attention_kernel
+    print("## the kernel's prefetch on / off, from memory: median us per call")
+
+    def dense(n: int) -> Callable[[], Any]:
+        k, v = torch.randn(1, 2, n, 64, generator=g), torch.randn(1, 2, n, 64, generator=g)
+        return lambda: decodeattn.decode_attention(q, k, v, 0, n, 0.125)
+
+    def scattered(n: int) -> Callable[[], Any]:
+        pages = n // 16
+        k, v = torch.randn(2 * pages * 16, 64, generator=g), torch.randn(2 * pages * 16, 64, generator=g)
+        sel = [torch.randperm(pages, generator=g)[: pages // 8].sort().values + h * pages for h in range(2)]
+        first = (torch.stack(sel) * 16).view(1, 2, -1)
+        return lambda: decodeattn.run_attention(q, k, v, first, 16, 16, 0.125)
+
+    for n in contexts:
+        for name, make in (("contiguous", dense), ("quest pages", scattered)):
+            calls_of = [make(n) for _ in range(max(2, (96 << 20) // (16 * n * 64)))]
+            spent: dict[int, list[float]] = {12: [], 0: []}
+            for i in range(2 * calls):
+                ahead = (12, 0)[(i + i // 2) % 2]  # alternate, and which goes first
+                jit.attention_kernel = lambda g_n, d_n, a=ahead: compiled(g_n, d_n, a)  # type: ignore[misc]
+                try:
+                    t0 = time.perf_counter()
+                    calls_of[i % len(calls_of)]()
+                    spent[ahead].append(time.perf_counter() - t0)
+                finally:
+                    jit.attention_kernel = compiled
+            on, off = (statistics.median(spent[a][2:]) * 1e6 for a in (12, 0))
+            print(f"{n} keys, {name}: prefetch {on:.0f} us, none {off:.0f} us ({off / on:.2f}x)")
+
+
 def prefill(context: int) -> None:
     model = reference_llama(KVBenchConfig(contexts=(context,)), context)
     ids = torch.randint(0, 1024, (1, context), generator=torch.Generator().manual_seed(1))
@@ -143,10 +183,13 @@ if __name__ == "__main__":
     cli.add_argument("--quest", type=int, default=32768, help="context of the quest breakdown (0: skip)")
     cli.add_argument("--prefill", type=int, default=8192, help="context of the prefill comparison (0: skip)")
     cli.add_argument("--kernel", default="4096,16384,32768", help="contexts of the kernel timings ('': skip)")
+    cli.add_argument("--prefetch", default="", help="contexts of the prefetch on / off A/B ('': skip)")
     cli.add_argument("--reps", type=int, default=3)
     args = cli.parse_args()
     if args.kernel:
         kernel([int(c) for c in args.kernel.split(",")])
+    if args.prefetch:
+        prefetch([int(c) for c in args.prefetch.split(",")])
     if args.ab:
         ab(args.ab, args.reps)
     if args.quest:

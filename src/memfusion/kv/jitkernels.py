@@ -95,8 +95,8 @@ prefetch_line: Any = _prefetch_line  # called from the kernels as prefetch_line(
 def fetch_ahead(x, a, ahead, D):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
     # prefetch rows [a + ahead, a + ahead + 4) of x (float32, so a line is 16 columns), for the loops
     # below (4 rows a block): the hardware prefetchers alone leave a core's loads waiting on memory,
-    # so reading and computing take their sum, not their max (4K keys from memory: 194 -> 123 us with
-    # ahead = 12 rows, ~3 KiB). ahead = 0: none (short runs: fetch_in_order)
+    # so reading and computing take their sum, not their max (see kv_decode_breakdown.py --prefetch).
+    # ahead = 0: none (short runs: fetch_in_order)
     if ahead > 0:
         fetch_four(x, a + ahead, D)
 
@@ -110,13 +110,12 @@ def fetch_four(x, r, D):  # type: ignore[no-untyped-def]  # pragma: no cover (co
 
 
 @numba.njit(fastmath=FAST, cache=True, nogil=True)
-def fetch_in_order(x, first, b, h, p, s, p_hi, size, D):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
-    # fetch_ahead over short runs: prefetch the 4 rows AHEAD_ROWS after row s of run p in the order
-    # the task reads them (runs first[b, h, p:p_hi] of size rows), so into a later run where p ends.
-    # Quest's 16-row pages from memory: 162 -> 141 us for 256 pages x 2 heads (whole runs 2 ahead before)
-    t = s + AHEAD_ROWS
+def fetch_in_order(x, first, b, h, p, s, p_hi, size, ahead, D):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+    # fetch_ahead over short runs: prefetch the 4 rows ``ahead`` after row s of run p in the order the
+    # task reads them (runs first[b, h, p:p_hi] of size rows), so into a later run where p ends
+    t = s + ahead
     p2 = p + t // size
-    if p2 < p_hi:
+    if ahead > 0 and p2 < p_hi:
         fetch_four(x, first[b, h, p2] + t % size, D)
 
 
@@ -252,14 +251,15 @@ def select_kernel(q, kmin, kmax, nonempty, padded, pages, sel):  # type: ignore[
 
 
 @cache
-def attention_kernel(g_n: int, d_n: int) -> Any:
+def attention_kernel(g_n: int, d_n: int, ahead_rows: int = AHEAD_ROWS) -> Any:
     """The attention kernel for ``g_n`` query heads per KV head and head dim ``d_n``, both
     compile-time constants (ints in the closure, so they key numba's cache): the dot products unroll
     over the head dim and keep their accumulators in registers, ~1.5x fewer cycles per key than
     loops over runtime sizes (201 -> 123 us for 4K keys x 2 KV heads, 4 query heads each, in L3).
     ``kernel(q, k, v, first, size, last, mask, mask_offset, own, scaling, per_task, tasks, out, kmin, kmax,
-    pages, cap, sel)``, shapes in the body."""
-    G, D = g_n, d_n
+    pages, cap, sel)``, shapes in the body. ``ahead_rows``: the prefetch distance (0: none, for the
+    A/B of ``benchmarks/kv_decode_breakdown.py --prefetch``)."""
+    G, D, A = g_n, d_n, ahead_rows
 
     @numba.njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
     def attention(  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
@@ -284,7 +284,7 @@ def attention_kernel(g_n: int, d_n: int) -> Any:
                 for i in range(p_n):
                     first[b, h, i] = (bh * cap + sel[b, h, i]) * size
         masked = mask.shape[0] > 0
-        ahead = 0 if size <= SHORT_RUN else AHEAD_ROWS
+        ahead = 0 if size <= SHORT_RUN else A
         part_m = np.empty((b_n, h_n, tasks, G), dtype=np.float32)
         part_l = np.empty((b_n, h_n, tasks, G), dtype=np.float32)
         part_o = np.empty((b_n, h_n, tasks, G, D), dtype=np.float32)
@@ -306,7 +306,7 @@ def attention_kernel(g_n: int, d_n: int) -> Any:
                     dots(qs, k, first[b, h, p], n_p, logits, (p - p_lo) * size, G, D, ahead)
                 else:  # short runs: 4 rows at a time, prefetching in the task's order
                     for s in range(0, n_p, 4):
-                        fetch_in_order(k, first, b, h, p, s, p_hi, size, D)
+                        fetch_in_order(k, first, b, h, p, s, p_hi, size, A, D)
                         dots(qs, k, first[b, h, p] + s, min(4, n_p - s), logits, (p - p_lo) * size + s, G, D, 0)
             if masked:
                 for i in range(count):
@@ -314,8 +314,8 @@ def attention_kernel(g_n: int, d_n: int) -> Any:
                     if pos != own and not mask[b, h, mask_offset + pos]:
                         for g in range(G):
                             logits[g, i] = -np.inf
-            for s in range(0, AHEAD_ROWS, 4):  # the first V rows, not touched yet, come in meanwhile
-                fetch_in_order(v, first, b, h, p_lo, s - AHEAD_ROWS, p_hi, size, D)
+            for s in range(0, A, 4):  # the first V rows, not touched yet, come in meanwhile
+                fetch_in_order(v, first, b, h, p_lo, s - A, p_hi, size, A, D)
             bits = np.empty(count, dtype=np.int32)
             for g in range(G):
                 row = logits[g]
@@ -336,7 +336,7 @@ def attention_kernel(g_n: int, d_n: int) -> Any:
                     weigh(logits, (p - p_lo) * size, v, first[b, h, p], n_p, acc, G, D, ahead)
                 else:
                     for s in range(0, n_p, 4):
-                        fetch_in_order(v, first, b, h, p, s, p_hi, size, D)
+                        fetch_in_order(v, first, b, h, p, s, p_hi, size, A, D)
                         weigh(logits, (p - p_lo) * size + s, v, first[b, h, p] + s, min(4, n_p - s), acc, G, D, 0)
             part_o[b, h, c] = acc
         for b in range(b_n):  # merge: sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c
