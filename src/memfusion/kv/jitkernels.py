@@ -167,7 +167,7 @@ def dots(qs, k, r, n, logits, i, G, D, ahead):  # type: ignore[no-untyped-def]  
 @numba.njit(fastmath=FAST, cache=True, nogil=True)
 def weigh(logits, i, v, r, n, acc, G, D, ahead):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
     # acc (G, D) += logits[:, i : i + n] @ v[r : r + n], in blocks of 4 keys x 2 heads (each V row
-    # loaded once per pair of heads, not once per head: 11.6 -> 9.8 ns a key in L2). ahead: see fetch_ahead
+    # loaded once per pair of heads, not once per head). ahead: see fetch_ahead
     s = 0
     while s + 4 <= n:
         a, b = r + s, i + s
