@@ -9,7 +9,8 @@
    `dense` and `paged` (split-K kernel) and `dense` on the torch ops, interleaved ``--reps`` times:
    decode ms/token and attention ms per layer (medians over decode steps).
 2. Quest's decode step at ``--quest`` tokens (budget T/8, 16-token pages) on 4 layers' worth of
-   buffers: the whole layer step and its kernels (append, page selection, page attention), medians.
+   buffers: the whole layer step and its kernels (append, page selection and attention), medians;
+   with quest's default bfloat16 page bounds and with ``exact_bounds`` (float32), interleaved.
 3. Prefill seconds of `dense` and `paged` at ``--prefill`` tokens (1,024-token chunks).
 4. The split-K kernel alone (``decodeattn.decode_attention``, the benchmark model's 2 KV heads x 4
    query heads, head dim 64) at each of ``--kernel`` contexts: on one buffer read over and over
@@ -70,21 +71,27 @@ def ab(context: int, reps: int) -> None:
 
 def quest(context: int, reps: int) -> None:
     spec = ModelSpec("LlamaForCausalLM", 4, 8, 2, 64, torch.float32, torch.device("cpu"))
-    layers = [QuestLayer(3, spec, Quest(token_budget=context // 8, page_size=16)) for _ in range(4)]
+    variants = {  # quest's default bounds (bfloat16, rounded outward) and exact float32 ones, interleaved
+        f"{kind} bounds": Quest(token_budget=context // 8, page_size=16, exact_bounds=exact)
+        for kind, exact in (("bfloat16", False), ("float32", True))
+    }
+    layers = {name: [QuestLayer(3, spec, cfg) for _ in range(4)] for name, cfg in variants.items()}
     ones = torch.ones(1, 1024, dtype=torch.bool)
-    for layer in layers:  # 4 layers' buffers, so a step reads from memory, not from the caches
-        for _ in range(context // 1024):
+    for layer in (la for group in layers.values() for la in group):  # 4 layers' buffers each, so a step
+        for _ in range(context // 1024):  # reads from memory, not from the caches
             kv_chunk = torch.randn(1, 2, 1024, 64), torch.randn(1, 2, 1024, 64)
             layer.attend(torch.randn(1, 8, 1024, 64), *kv_chunk, ones, 0.125)
     q, k, v, valid = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64), ones[:, :1]
-    spent: dict[str, list[float]] = {"layer step": []}
-    originals = {name: getattr(pageattn, name) for name in ("append_token", "select_pages", "page_attention")}
+    spent: dict[str, dict[str, list[float]]] = {name: {"layer step": []} for name in variants}
+    now = [next(iter(variants))]  # the variant being timed
+    kernels = ("append_token", "select_pages", "page_attention", "select_and_attend")
+    originals = {name: getattr(pageattn, name) for name in kernels}
 
     def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
-            spent.setdefault(name, []).append(time.perf_counter() - t0)
+            spent[now[0]].setdefault(name, []).append(time.perf_counter() - t0)
             return out
 
         return run
@@ -93,15 +100,17 @@ def quest(context: int, reps: int) -> None:
         for name, fn in originals.items():
             setattr(pageattn, name, timed(name, fn))
         for _ in range(reps * 20):
-            for layer in layers:
-                t0 = time.perf_counter()
-                layer.attend(q, k, v, valid, 0.125)
-                spent["layer step"].append(time.perf_counter() - t0)
+            for now[0] in variants:
+                for layer in layers[now[0]]:
+                    t0 = time.perf_counter()
+                    layer.attend(q, k, v, valid, 0.125)
+                    spent[now[0]]["layer step"].append(time.perf_counter() - t0)
     finally:
         for name, fn in originals.items():
             setattr(pageattn, name, fn)
     print(f"## quest at {context} tokens (budget {context // 8}, 16-token pages): median us per layer step")
-    print(" | ".join(f"{name} {statistics.median(ts) * 1e6:.0f}" for name, ts in spent.items()))
+    for variant, times in spent.items():
+        print(f"{variant}: " + " | ".join(f"{name} {statistics.median(ts) * 1e6:.0f}" for name, ts in times.items()))
 
 
 def kernel(contexts: list[int]) -> None:

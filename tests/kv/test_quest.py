@@ -17,7 +17,7 @@ from memfusion.errors import InvalidInput
 from memfusion.kv import pageattn
 from memfusion.kv.hf import MemfusionCache
 from memfusion.kv.policy import EvictingLayer
-from memfusion.kv.quest import Quest, QuestLayer
+from memfusion.kv.quest import Quest, QuestLayer, round_outward
 from memfusion.kv.spec import ModelSpec
 from tests.kv.conftest import prompts
 
@@ -40,9 +40,25 @@ def _spec(layers: int = 1, heads: int = 4, kv_heads: int = 2, dim: int = 8) -> M
     return ModelSpec("LlamaForCausalLM", layers, heads, kv_heads, dim, torch.float32, torch.device("cpu"))
 
 
-def _bound(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """The Quest bound of query ``q (D,)`` for a page of ``keys (n, D)``, elementwise and literal."""
+def _outward(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """Reference rounding of float32 ``x`` to bfloat16 away from it, as float32: torch's nearest
+    bfloat16, moved one bfloat16 step (``nextafter``) where it landed on the wrong side of ``x``."""
+    r = x.to(torch.bfloat16)
+    wrong = (r.float() < x) if up else (r.float() > x)
+    step = torch.nextafter(r, torch.full_like(r, math.inf if up else -math.inf))
+    return torch.where(wrong, step, r).float()
+
+
+def _page_bounds(keys: torch.Tensor, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kmin``, ``kmax`` of a page of float32 ``keys (n, D)``: exact, or rounded outward to bfloat16."""
     kmin, kmax = keys.min(dim=0).values, keys.max(dim=0).values
+    return (kmin, kmax) if exact else (_outward(kmin, False), _outward(kmax, True))
+
+
+def _bound(q: torch.Tensor, keys: torch.Tensor, exact: bool = True) -> torch.Tensor:
+    """The Quest bound of query ``q (D,)`` for a page of ``keys (n, D)``, elementwise and literal
+    (in float64 when ``q`` is)."""
+    kmin, kmax = (b.to(q.dtype) for b in _page_bounds(keys, exact))
     return torch.maximum(q * kmin, q * kmax).sum()
 
 
@@ -56,12 +72,26 @@ def _bound(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 def test_bound_is_above_every_key_of_the_page(n: int, dim: int, seed: int, scale: float) -> None:
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(dim, generator=g, dtype=torch.float64) * scale
-    keys = torch.randn(n, dim, generator=g, dtype=torch.float64) * scale
-    bound = _bound(q, keys)
-    dots = keys @ q  # (n,)
-    assert bool((bound >= dots - 1e-12 * scale * scale).all())
+    keys = (torch.randn(n, dim, generator=g) * scale).float()  # float32 keys, as a model's
+    dots = keys.double() @ q  # (n,)
+    for exact in (True, False):  # exact bounds, and bfloat16 bounds rounded outward
+        bound = _bound(q, keys, exact)
+        assert bool((bound >= dots - 1e-12 * scale * scale).all())
     if n == 1:
-        torch.testing.assert_close(bound, dots[0])
+        torch.testing.assert_close(_bound(q, keys), dots[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-40, 1e-30, 1e-3, 1.0, 7.0, 1e30, 3e38]))
+def test_outward_rounding_is_the_nearest_bfloat16_on_the_right_side(seed: int, scale: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(64, generator=g, dtype=torch.float64) * scale).float()  # float32, subnormals and huge included
+    x = torch.cat([x, torch.tensor([0.0, -0.0, math.inf, -math.inf, 1.0, -1.0, 3.4028235e38, -3.4028235e38])])
+    for up in (True, False):
+        got = round_outward(x, up)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got.float(), _outward(x, up))
+        assert bool(((got.float() >= x) if up else (got.float() <= x)).all())
 
 
 class Feeder:
@@ -109,9 +139,12 @@ def _padded_feeder(cfg: Quest, pad: int = 11, seed: int = 0, decode: int = 3) ->
     return f
 
 
+@pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize(("pad", "decode"), [(11, 3), (0, 3), (0, 6)])  # decode 6 opens a page on a decode step
-def test_page_bounds_ignore_padding_and_match_brute_force(pad: int, decode: int, attention_path: str) -> None:
-    cfg = Quest(token_budget=8, page_size=4, dense_layers=0)
+def test_page_bounds_ignore_padding_and_match_brute_force(
+    pad: int, decode: int, exact: bool, attention_path: str
+) -> None:
+    cfg = Quest(token_budget=8, page_size=4, dense_layers=0, exact_bounds=exact)
     f = _padded_feeder(cfg, pad=pad, decode=decode)
     keys, _, ok = f.all()  # (B, Hkv, n, D), (B, n)
     n, S, G = keys.shape[2], cfg.page_size, f.spec.groups
@@ -126,18 +159,20 @@ def test_page_bounds_ignore_padding_and_match_brute_force(pad: int, decode: int,
                     assert got[b, h, p] == -math.inf
                     continue
                 page = keys[b, h, idx]  # (n_p, D)
-                torch.testing.assert_close(f.layer.kmin[b, h, p], page.min(dim=0).values)
-                torch.testing.assert_close(f.layer.kmax[b, h, p], page.max(dim=0).values)
-                want = sum(_bound(q[b, h * G + g, 0], page) for g in range(G))
+                kmin, kmax = _page_bounds(page, exact)
+                assert torch.equal(f.layer.kmin[b, h, p].float(), kmin)
+                assert torch.equal(f.layer.kmax[b, h, p].float(), kmax)
+                want = sum(_bound(q[b, h * G + g, 0], page, exact) for g in range(G))
                 torch.testing.assert_close(got[b, h, p], want, rtol=1e-5, atol=1e-5)
     assert bool((got[1, :, :2] == -math.inf).all()) == (pad > 0)  # row 1's first 8 slots are padding
 
 
+@pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize(("pad", "decode"), [(11, 3), (0, 3), (0, 6)])  # padded; no padding, partial / full page
 def test_decode_attends_exactly_to_the_current_page_and_the_top_bound_pages(
-    pad: int, decode: int, attention_path: str
+    pad: int, decode: int, exact: bool, attention_path: str
 ) -> None:
-    cfg = Quest(token_budget=12, page_size=4, dense_layers=0)
+    cfg = Quest(token_budget=12, page_size=4, dense_layers=0, exact_bounds=exact)
     f = _padded_feeder(cfg, pad=pad, seed=1, decode=decode)
     q = torch.randn(2, f.spec.num_heads, 1, f.spec.head_dim, generator=torch.Generator().manual_seed(7))
     out = f.feed(1, q=q)  # (B, 1, Hq, D)
@@ -154,7 +189,7 @@ def test_decode_attends_exactly_to_the_current_page_and_the_top_bound_pages(
             for p in range(cur):
                 idx = [i for i in range(p * S, (p + 1) * S) if ok[b, i]]
                 if idx:
-                    bounds[p] = float(sum(_bound(q[b, h * G + g, 0], keys[b, h, idx]) for g in range(G)))
+                    bounds[p] = float(sum(_bound(q[b, h * G + g, 0], keys[b, h, idx], exact) for g in range(G)))
             best = sorted(bounds, key=bounds.__getitem__, reverse=True)[: budget - 1]
             assert chosen == {cur, *best}
             # Reference output: softmax attention over the valid keys of those pages only.
@@ -231,6 +266,9 @@ def test_tight_page_counts_are_exact(llama: torch.nn.Module) -> None:
     assert isinstance(res.cache.kv_layers[0], EvictingLayer)
     assert all(isinstance(la, QuestLayer) for la in res.cache.kv_layers[1:])
     assert res.stats.bytes_resident == cfg.analytic_bytes(30 + new - 1, spec, batch=2)
+    # By hand: 36 slots of fp32 K+V in every layer; 9 pages of bfloat16 kmin+kmax in each quest layer.
+    h, d, layers = spec.num_kv_heads, spec.head_dim, spec.num_layers
+    assert res.stats.bytes_resident == 2 * (layers * 36 * 2 * h * d * 4 + (layers - 1) * 9 * 2 * h * d * 2)
 
 
 def test_recall_is_not_reported_unless_asked(llama: torch.nn.Module) -> None:
@@ -256,6 +294,7 @@ def test_dense_layers_beyond_the_model_make_it_dense() -> None:
         ({"token_budget": 0}, "token_budget must be an integer >= 1"),
         ({"page_size": 4.0}, "page_size must be an integer"),
         ({"oracle_recall": "yes"}, "oracle_recall must be True or False"),
+        ({"exact_bounds": 1}, "exact_bounds must be True or False, got 1"),
     ],
 )
 def test_bad_parameters_are_rejected(params: dict[str, object], match: str) -> None:
@@ -289,21 +328,25 @@ def test_decode_attention_is_timed_per_step_and_layer(llama: torch.nn.Module) ->
         assert sum(layer) == pytest.approx(total)
 
 
+@pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize(
     ("b", "hq", "hkv", "d", "pages", "keep", "last"), [(1, 8, 2, 64, 300, 37, 16), (2, 6, 2, 12, 50, 9, 5)]
 )
 def test_selection_and_attention_in_one_call_equal_the_two_calls(
-    b: int, hq: int, hkv: int, d: int, pages: int, keep: int, last: int
+    b: int, hq: int, hkv: int, d: int, pages: int, keep: int, last: int, exact: bool
 ) -> None:
     """``select_and_attend`` (one compiled call, unpadded decode steps) against ``select_pages`` then
-    ``page_attention``: the same pages and the same output, with the current page partly written."""
+    ``page_attention``: the same pages and the same output, with the current page partly written;
+    float32 bounds and bfloat16 ones."""
     g = torch.Generator().manual_seed(pages)
     s, cap = 16, pages + 3
     q = torch.randn(b, hq, 1, d, generator=g)
     k = torch.randn(b, hkv, cap, s, d, generator=g)
     v = torch.randn(b, hkv, cap, s, d, generator=g)
     kmin, kmax = k.amin(dim=3), k.amax(dim=3)  # (B, Hkv, C, D)
-    out, sel = pageattn.select_and_attend(q, k, v, kmin, kmax, pages, keep, last, SCALE)
+    if not exact:
+        kmin, kmax = round_outward(kmin, False), round_outward(kmax, True)
+    out, sel = pageattn.select_and_attend(q, pageattn.host_views(k, v, kmin, kmax), pages, keep, last, SCALE)
     ref_sel = pageattn.select_pages(q, kmin, kmax, None, pages, keep)
     assert torch.equal(sel, ref_sel)
     assert (sel[..., -1] == pages).all() and sel.shape == (b, hkv, keep + 1)

@@ -35,9 +35,10 @@ __all__ = ["CHUNK", "decode_attention", "decode_rows", "run_attention", "run_row
 
 _NO_MASK = np.zeros((0, 0, 0), dtype=np.bool_)
 """The kernels' "no mask" argument (an empty array keeps one compiled signature)."""
-_NO_BOUNDS = np.zeros((0, 0, 0, 0), dtype=np.float32)
+_NO_BOUNDS = np.zeros((0, 0, 0, 0), dtype=np.uint16)
 _NO_SELECTION = np.zeros((0, 0, 0), dtype=np.int64)
-"""The kernel's page-selection arguments when the runs are given (``select`` of :func:`run_rows`)."""
+"""The kernel's page-selection arguments when the runs are given (``select`` of :func:`run_rows`); the
+bounds typed as quest's default (bfloat16 bit patterns), so that dense and quest share one compiled kernel."""
 
 CHUNK = 512
 """Keys per task: the ``(G, CHUNK)`` logits of a task stay in L1 (8 KiB for G = 4), and a 32K

@@ -21,16 +21,13 @@ import numpy as np
 from llvmlite import binding, ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from memfusion.kv.kernels import ALL_PAGES, FAST
 
 AHEAD_ROWS = 12
-"""The kernels prefetch the rows this far ahead of the ones they read, as they go (3 KiB at head dim 64)."""
-SHORT_RUN = 64
-"""Runs of at most this many keys (quest's pages) are read 4 rows at a time, each block prefetching the
-rows ``AHEAD_ROWS`` further on in the task's key order (in a later run where this one ends); longer
-runs prefetch within themselves (:func:`fetch_ahead`)."""
+"""The kernels prefetch the rows this far ahead of the ones they read, as they go (3 KiB at head dim 64),
+past the end of a run into the task's next run (quest's 16-row pages: the next selected page)."""
 
 _PREFETCH = "llvm.prefetch.p0" if binding.llvm_version_info >= (15,) else "llvm.prefetch.p0i8"
 """``llvm.prefetch``'s name carries its pointer type: opaque ``ptr`` from LLVM 15 on, ``i8*`` before."""
@@ -91,14 +88,102 @@ def _prefetch_line(typingctx, arr, row, col):  # type: ignore[no-untyped-def]
 prefetch_line: Any = _prefetch_line  # called from the kernels as prefetch_line(a, row, col)
 
 
+@intrinsic
+def _float_bits(typingctx, bits):  # type: ignore[no-untyped-def]
+    """The float32 whose bit pattern is ``bits`` (uint32)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _bits_float(typingctx, x):  # type: ignore[no-untyped-def]
+    """The bit pattern (uint32) of the float32 ``x``."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+float_of_bits: Any = _float_bits  # called from the kernels as float_of_bits(u32)
+bits_of_float: Any = _bits_float  # called from the kernels as bits_of_float(f32)
+
+
+def widen(x: Any) -> Any:  # pragma: no cover (typed by the overload below, for compiled callers only)
+    """A stored page bound as a float32: float bounds as they are, a bfloat16 bit pattern (uint16) widened
+    (exactly: bfloat16 is float32 without its low 16 mantissa bits)."""
+    raise NotImplementedError("widen is for compiled kernels")
+
+
+def lower(old: Any, x: Any) -> Any:  # pragma: no cover (typed by the overload below)
+    """A page's stored ``kmin`` element widened by the key element ``x`` (float32)."""
+    raise NotImplementedError("lower is for compiled kernels")
+
+
+def upper(old: Any, x: Any) -> Any:  # pragma: no cover (typed by the overload below)
+    """A page's stored ``kmax`` element widened by the key element ``x`` (float32)."""
+    raise NotImplementedError("upper is for compiled kernels")
+
+
+@numba.njit(cache=True, nogil=True)
+def bf16_outward(x, up):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+    # the bfloat16 bit pattern (uint16) of the nearest bfloat16 >= x (up) or <= x (not up), for a
+    # float32 x that is not NaN. Dropping the low 16 bits rounds toward zero, which is already the
+    # wanted direction for negative x going up and positive x going down; otherwise one step of the
+    # pattern away from zero (the largest finite float goes to inf, still a bound)
+    bits = bits_of_float(np.float32(x))
+    t = bits >> np.uint32(16)
+    if (bits & np.uint32(0xFFFF)) != 0 and ((x > 0) if up else (x < 0)):
+        t += np.uint32(1)
+    return np.uint16(t)
+
+
+@overload(widen)
+def _widen(x):  # type: ignore[no-untyped-def]
+    if isinstance(x, types.Float):
+        return lambda x: x
+    if x == types.uint16:
+        return lambda x: float_of_bits(np.uint32(x) << np.uint32(16))
+    return None
+
+
+@overload(lower)
+def _lower(old, x):  # type: ignore[no-untyped-def]
+    if isinstance(old, types.Float):
+        return lambda old, x: min(old, x)
+
+    def rounded(old, x):  # type: ignore[no-untyped-def]
+        r = bf16_outward(x, False)
+        return r if widen(r) < widen(old) else old
+
+    return rounded if old == types.uint16 else None
+
+
+@overload(upper)
+def _upper(old, x):  # type: ignore[no-untyped-def]
+    if isinstance(old, types.Float):
+        return lambda old, x: max(old, x)
+
+    def rounded(old, x):  # type: ignore[no-untyped-def]
+        r = bf16_outward(x, True)
+        return r if widen(r) > widen(old) else old
+
+    return rounded if old == types.uint16 else None
+
+
 @numba.njit(fastmath=FAST, cache=True, nogil=True)
-def fetch_ahead(x, a, ahead, D):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
-    # prefetch rows [a + ahead, a + ahead + 4) of x (float32, so a line is 16 columns), for the loops
+def fetch_ahead(x, r, s, n, nxt, ahead, D):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+    # prefetch the 4 rows ``ahead`` after row s of the run x[r : r + n] in the order the task reads
+    # them: past the run's end into the next run, from row nxt (-1: none, straight on). For the loops
     # below (4 rows a block): the hardware prefetchers alone leave a core's loads waiting on memory,
     # so reading and computing take their sum, not their max (see kv_decode_breakdown.py --prefetch).
-    # ahead = 0: none (short runs: fetch_in_order)
+    # ahead = 0: none
     if ahead > 0:
-        fetch_four(x, a + ahead, D)
+        t = s + ahead
+        fetch_four(x, r + t if t < n or nxt < 0 else nxt + t - n, D)
 
 
 @numba.njit(fastmath=FAST, cache=True, nogil=True)
@@ -110,24 +195,14 @@ def fetch_four(x, r, D):  # type: ignore[no-untyped-def]  # pragma: no cover (co
 
 
 @numba.njit(fastmath=FAST, cache=True, nogil=True)
-def fetch_in_order(x, first, b, h, p, s, p_hi, size, ahead, D):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
-    # fetch_ahead over short runs: prefetch the 4 rows ``ahead`` after row s of run p in the order the
-    # task reads them (runs first[b, h, p:p_hi] of size rows), so into a later run where p ends
-    t = s + ahead
-    p2 = p + t // size
-    if ahead > 0 and p2 < p_hi:
-        fetch_four(x, first[b, h, p2] + t % size, D)
-
-
-@numba.njit(fastmath=FAST, cache=True, nogil=True)
-def dots(qs, k, r, n, logits, i, G, D, ahead):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+def dots(qs, k, r, n, logits, i, G, D, ahead, nxt):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
     # logits[:, i : i + n] = qs (G, D) @ k[r : r + n].T, in blocks of 4 keys x 2 query heads
     # (8 independent sums: each K and q row loaded once per block). G and D are the calling
-    # kernel's compile-time constants: LLVM inlines this call and unrolls over them. ahead: see fetch_ahead
+    # kernel's compile-time constants: LLVM inlines this call and unrolls over them. ahead, nxt: see fetch_ahead
     s = 0
     while s + 4 <= n:
         a, b = r + s, i + s
-        fetch_ahead(k, a, ahead, D)
+        fetch_ahead(k, r, s, n, nxt, ahead, D)
         g = 0
         while g + 2 <= G:
             x0 = x1 = x2 = x3 = y0 = y1 = y2 = y3 = np.float32(0.0)
@@ -165,13 +240,13 @@ def dots(qs, k, r, n, logits, i, G, D, ahead):  # type: ignore[no-untyped-def]  
 
 
 @numba.njit(fastmath=FAST, cache=True, nogil=True)
-def weigh(logits, i, v, r, n, acc, G, D, ahead):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+def weigh(logits, i, v, r, n, acc, G, D, ahead, nxt):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
     # acc (G, D) += logits[:, i : i + n] @ v[r : r + n], in blocks of 4 keys x 2 heads (each V row
-    # loaded once per pair of heads, not once per head). ahead: see fetch_ahead
+    # loaded once per pair of heads, not once per head). ahead, nxt: see fetch_ahead
     s = 0
     while s + 4 <= n:
         a, b = r + s, i + s
-        fetch_ahead(v, a, ahead, D)
+        fetch_ahead(v, r, s, n, nxt, ahead, D)
         g = 0
         while g + 2 <= G:
             w0, w1, w2, w3 = logits[g, b], logits[g, b + 1], logits[g, b + 2], logits[g, b + 3]
@@ -196,7 +271,8 @@ def weigh(logits, i, v, r, n, acc, G, D, ahead):  # type: ignore[no-untyped-def]
 
 @numba.njit(fastmath=FAST, cache=True, nogil=True)
 def select_one(q, kmin, kmax, nonempty, padded, pages, sel, b, h):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
-    # Quest's selection for sequence b, KV head h: q (B, Hq, D); kmin, kmax (B, Hkv, C, D); nonempty
+    # Quest's selection for sequence b, KV head h: q (B, Hq, D); kmin, kmax (B, Hkv, C, D) float32 or
+    # bfloat16 bit patterns (uint16, see widen); nonempty
     # (B, C) bool, read only when padded; candidates: pages [0, pages); writes sel[b, h] (keep + 1):
     # the keep candidates with the largest bound in ascending order, then page ``pages`` (the current one)
     d_n = q.shape[2]
@@ -216,7 +292,7 @@ def select_one(q, kmin, kmax, nonempty, padded, pages, sel, b, h):  # type: igno
     for p in range(pages):
         acc = np.float32(0.0)
         for j in range(d_n):
-            acc += q_pos[j] * kmax[b, h, p, j] + q_neg[j] * kmin[b, h, p, j]
+            acc += q_pos[j] * widen(kmax[b, h, p, j]) + q_neg[j] * widen(kmin[b, h, p, j])
         bound[p] = acc if (not padded or nonempty[b, p]) else -np.inf
     c = 0
     taken = np.zeros(pages, dtype=np.bool_)
@@ -284,7 +360,6 @@ def attention_kernel(g_n: int, d_n: int, ahead_rows: int = AHEAD_ROWS) -> Any:
                 for i in range(p_n):
                     first[b, h, i] = (bh * cap + sel[b, h, i]) * size
         masked = mask.shape[0] > 0
-        ahead = 0 if size <= SHORT_RUN else A
         part_m = np.empty((b_n, h_n, tasks, G), dtype=np.float32)
         part_l = np.empty((b_n, h_n, tasks, G), dtype=np.float32)
         part_o = np.empty((b_n, h_n, tasks, G, D), dtype=np.float32)
@@ -302,20 +377,17 @@ def attention_kernel(g_n: int, d_n: int, ahead_rows: int = AHEAD_ROWS) -> Any:
             logits = np.empty((G, count), dtype=np.float32)
             for p in range(p_lo, p_hi):
                 n_p = size if p < p_n - 1 else last
-                if ahead:
-                    dots(qs, k, first[b, h, p], n_p, logits, (p - p_lo) * size, G, D, ahead)
-                else:  # short runs: 4 rows at a time, prefetching in the task's order
-                    for s in range(0, n_p, 4):
-                        fetch_in_order(k, first, b, h, p, s, p_hi, size, A, D)
-                        dots(qs, k, first[b, h, p] + s, min(4, n_p - s), logits, (p - p_lo) * size + s, G, D, 0)
+                nxt = first[b, h, p + 1] if p + 1 < p_hi else -1
+                dots(qs, k, first[b, h, p], n_p, logits, (p - p_lo) * size, G, D, A, nxt)
             if masked:
                 for i in range(count):
                     pos = p_lo * size + i
                     if pos != own and not mask[b, h, mask_offset + pos]:
                         for g in range(G):
                             logits[g, i] = -np.inf
+            nxt = first[b, h, p_lo + 1] if p_lo + 1 < p_hi else -1
             for s in range(0, A, 4):  # the first V rows, not touched yet, come in meanwhile
-                fetch_in_order(v, first, b, h, p_lo, s - A, p_hi, size, A, D)
+                fetch_ahead(v, first[b, h, p_lo], s - A, size, nxt, A, D)
             bits = np.empty(count, dtype=np.int32)
             for g in range(G):
                 row = logits[g]
@@ -332,12 +404,8 @@ def attention_kernel(g_n: int, d_n: int, ahead_rows: int = AHEAD_ROWS) -> Any:
             acc = np.zeros((G, D), dtype=np.float32)
             for p in range(p_lo, p_hi):
                 n_p = size if p < p_n - 1 else last
-                if ahead:
-                    weigh(logits, (p - p_lo) * size, v, first[b, h, p], n_p, acc, G, D, ahead)
-                else:
-                    for s in range(0, n_p, 4):
-                        fetch_in_order(v, first, b, h, p, s, p_hi, size, A, D)
-                        weigh(logits, (p - p_lo) * size + s, v, first[b, h, p] + s, min(4, n_p - s), acc, G, D, 0)
+                nxt = first[b, h, p + 1] if p + 1 < p_hi else -1
+                weigh(logits, (p - p_lo) * size, v, first[b, h, p], n_p, acc, G, D, A, nxt)
             part_o[b, h, c] = acc
         for b in range(b_n):  # merge: sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c
             for h in range(h_n):
@@ -361,20 +429,21 @@ def attention_kernel(g_n: int, d_n: int, ahead_rows: int = AHEAD_ROWS) -> Any:
 
 @numba.njit(cache=True, nogil=True)
 def store_page_token(k_buf, v_buf, kmin, kmax, valid, nonempty, k, v, page, slot):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
-    # quest's decode append: k_buf, v_buf (B, Hkv, C, S, D); kmin, kmax (B, Hkv, C, D); valid (B, C, S);
-    # nonempty (B, C); k, v (B, Hkv, D): one real token per sequence, written at (page, slot), its
+    # quest's decode append: k_buf, v_buf (B, Hkv, C, S, D); kmin, kmax (B, Hkv, C, D) as select_one reads
+    # them (bfloat16 patterns are rounded outward: lower / upper); valid (B, C, S);
+    # nonempty (B, C); k, v (B, Hkv, 1, D): one real token per sequence, written at (page, slot), its
     # page's bounds widened
-    b_n, h_n, d_n = k.shape
+    b_n, h_n, d_n = k.shape[0], k.shape[1], k.shape[3]
     for b in range(b_n):
         valid[b, page, slot] = True
         nonempty[b, page] = True
         for h in range(h_n):
             for j in range(d_n):
-                x = k[b, h, j]
+                x = k[b, h, 0, j]
                 k_buf[b, h, page, slot, j] = x
-                v_buf[b, h, page, slot, j] = v[b, h, j]
-                kmin[b, h, page, j] = min(kmin[b, h, page, j], x)
-                kmax[b, h, page, j] = max(kmax[b, h, page, j], x)
+                v_buf[b, h, page, slot, j] = v[b, h, 0, j]
+                kmin[b, h, page, j] = lower(kmin[b, h, page, j], x)
+                kmax[b, h, page, j] = upper(kmax[b, h, page, j], x)
 
 
 @numba.njit(cache=True, nogil=True)

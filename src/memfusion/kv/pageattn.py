@@ -23,7 +23,16 @@ import torch
 from memfusion.kv import decodeattn
 from memfusion.kv.kernels import ALL_PAGES, available, serves
 
-__all__ = ["append_token", "available", "page_attention", "select_and_attend", "select_pages", "serves"]
+__all__ = ["append_token", "available", "host_views", "page_attention", "select_and_attend", "select_pages", "serves"]
+
+
+def host_views(*tensors: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """numpy views (no copies) of CPU tensors, as the kernels read them: bfloat16 (page bounds) as
+    its bit patterns (uint16; numpy has no bfloat16). A quest layer keeps these of its buffers, so a
+    decode step makes no ``.numpy()`` call for them (each costs a few us between a step's matmuls)."""
+    return tuple(
+        t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy() for t in tensors
+    )
 
 
 def select_pages(
@@ -32,16 +41,18 @@ def select_pages(
     """Quest's selection in one pass over the page bounds: ``(B, Hkv, keep + 1)`` page indices, the
     ``keep`` candidates among pages ``[0, pages)`` with the largest group-summed bound
     ``sum_g sum_d max(q_gd kmin_d, q_gd kmax_d)`` in ascending order, then page ``pages`` (the
-    current one). ``q (B, Hq, 1, D)``; ``kmin``, ``kmax`` ``(B, Hkv, C, D)`` contiguous; ``nonempty
+    current one). ``q (B, Hq, 1, D)``; ``kmin``, ``kmax`` ``(B, Hkv, C, D)`` contiguous, float32 or
+    bfloat16 (scored in float32); ``nonempty
     (B, C)`` bool (pages without a valid key score ``-inf``) or None when nothing is padded."""
     b, hq, _, d = q.shape
     sel = np.empty((b, kmin.shape[1], keep + 1), dtype=np.int64)  # numpy: fewer torch calls per layer step
     from memfusion.kv.jitkernels import select_kernel  # numba: imported on first use
 
+    lo, hi = host_views(kmin, kmax)
     select_kernel(
         np.ascontiguousarray(q.numpy().reshape(b, hq, d)),
-        kmin.numpy(),
-        kmax.numpy(),
+        lo,
+        hi,
         ALL_PAGES if nonempty is None else nonempty.contiguous().numpy(),
         nonempty is not None,
         int(pages),
@@ -50,27 +61,15 @@ def select_pages(
     return torch.from_numpy(sel)
 
 
-def append_token(layer_buffers: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor, slot: int) -> None:
+def append_token(host: tuple[np.ndarray, ...], k: torch.Tensor, v: torch.Tensor, slot: int) -> None:
     """Write one real token per sequence at token slot ``slot`` and widen its page's bounds in place.
-    ``layer_buffers``: ``(k, v, kmin, kmax, valid, nonempty)`` as :class:`~memfusion.kv.quest.QuestLayer`
-    keeps them; ``k``, ``v`` ``(B, Hkv, 1, D)``."""
-    kb, vb, kmin, kmax, valid, nonempty = layer_buffers
-    page, off = divmod(slot, kb.shape[3])
-    b, h, _, d = k.shape
+    ``host``: :func:`host_views` of ``(k, v, kmin, kmax, valid, nonempty)`` as
+    :class:`~memfusion.kv.quest.QuestLayer` keeps them; ``k``, ``v`` ``(B, Hkv, 1, D)``."""
+    page, off = divmod(slot, host[0].shape[3])
     from memfusion.kv.jitkernels import store_page_token  # numba: imported on first use
 
-    store_page_token(
-        kb.numpy(),
-        vb.numpy(),
-        kmin.numpy(),
-        kmax.numpy(),
-        valid.numpy(),
-        nonempty.numpy(),
-        k.reshape(b, h, d).contiguous().numpy(),
-        v.reshape(b, h, d).contiguous().numpy(),
-        page,
-        off,
-    )
+    kb, vb, kmin, kmax, valid, nonempty = host
+    store_page_token(kb, vb, kmin, kmax, valid, nonempty, k.numpy(), v.numpy(), page, off)
 
 
 def page_attention(
@@ -103,10 +102,7 @@ def page_attention(
 
 def select_and_attend(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kmin: torch.Tensor,
-    kmax: torch.Tensor,
+    host: tuple[np.ndarray, ...],
     pages: int,
     keep: int,
     last: int,
@@ -114,15 +110,13 @@ def select_and_attend(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`select_pages` then :func:`page_attention` in one compiled call, when nothing is padded
     (no key mask): one dispatch and one set of conversions per layer step instead of two, each torch
-    or numpy call costing 5-15 us between a decode step's matmuls. Arguments as there; returns
+    or numpy call costing 5-15 us between a decode step's matmuls. ``host``: :func:`host_views` of
+    the C-contiguous ``(k, v, kmin, kmax)``; other arguments as there. Returns
     ``(out (B, 1, Hq, D), sel (B, Hkv, keep + 1))``."""
+    k, v, kmin, kmax = host[:4]
     b, h, c, s, d = k.shape
-    if not (k.is_contiguous() and v.is_contiguous() and kmin.is_contiguous() and kmax.is_contiguous()):
-        raise ValueError("select_and_attend reads pages and bounds in place: pass contiguous buffers")
     sel = np.empty((b, h, keep + 1), dtype=np.int64)
     first = np.empty_like(sel)  # filled by the kernel from sel
-    rows_k, rows_v = k.numpy().reshape(-1, d), v.numpy().reshape(-1, d)
-    out = decodeattn.run_rows(
-        q, rows_k, rows_v, first, s, last, scaling, None, 0, -1, (kmin.numpy(), kmax.numpy(), pages, c, sel)
-    )
+    rows_k, rows_v = k.reshape(-1, d), v.reshape(-1, d)
+    out = decodeattn.run_rows(q, rows_k, rows_v, first, s, last, scaling, None, 0, -1, (kmin, kmax, pages, c, sel))
     return out, torch.from_numpy(sel)

@@ -5,7 +5,10 @@ keeps the element-wise minimum and maximum of the page's keys (``kmin``, ``kmax`
 step (one new token per sequence) the query bounds each page's logits from above by
 ``sum_d max(q_d * kmin_d, q_d * kmax_d) >= q . k`` for every key ``k`` of the page, and attends
 only to the current (newest, possibly partial) page plus the ``token_budget // page_size - 1``
-other pages with the largest bound. Prefill chunks attend densely. The first ``dense_layers``
+other pages with the largest bound. Prefill chunks attend densely. By default the bounds are kept
+as bfloat16, rounded outward (``kmin`` down, ``kmax`` up), so the score is still an upper bound of
+every key's logit while a decode step reads half the bytes to score the pages (the paper keeps
+them in its fp16 model's precision). The first ``dense_layers``
 layers are plain dense layers (the paper keeps its first two layers dense).
 
 GQA: selection is per KV head (K/V are read once per KV head); the bounds of the ``G`` query
@@ -34,6 +37,17 @@ if TYPE_CHECKING:
 INF = float("inf")
 
 
+def round_outward(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """``x`` (float32, float16 or bfloat16, no NaN) as bfloat16, rounded up (to the nearest bfloat16
+    ``>= x``) or down (``<= x``); infinities stay. bfloat16 is float32's top 16 bits: dropping the
+    low 16 rounds toward zero, which is the wanted direction for negative ``x`` going up and positive
+    ``x`` going down; otherwise the pattern moves one step away from zero where bits were dropped."""
+    x32 = x.float()
+    bits = x32.view(torch.int32)
+    away = ((bits & 0xFFFF) != 0) & ((x32 > 0) if up else (x32 < 0))
+    return ((bits >> 16) + away).to(torch.int16).view(torch.bfloat16)  # in int16's range for any non-NaN x
+
+
 @dataclass(frozen=True)
 class Quest(PolicyConfig):
     """Quest page selection.
@@ -43,18 +57,25 @@ class Quest(PolicyConfig):
     - ``page_size``: token slots per page (padding slots included, masked);
     - ``dense_layers``: the first layers stay dense (default 2, as in the paper: early layers
       attend broadly and selection hurts them most);
+    - ``exact_bounds``: keep ``kmin``/``kmax`` exact, in the keys' dtype. Default False: bfloat16
+      rounded outward (``kmin`` to the nearest bfloat16 below or equal, ``kmax`` above or equal),
+      which keeps the score an upper bound of ``q . k`` for every key of the page; the score may
+      exceed the exact bound by about 2^-8 relative, which only reorders near-ties. Half the bytes
+      the selection reads at each decode step (and keeps), and it is exact for bfloat16 models;
     - ``oracle_recall``: also compute the true attention per page at every selecting decode
       step and report in ``stats.extra["quest_recall"]`` the fraction of the oracle's top pages
       (by attention mass, as many as were selected) that were selected. Costs a dense pass.
 
     ``bytes_resident`` of a quest layer: K/V of every token slot processed (padding included, as
     the dense layer counts it) plus ``kmin``/``kmax`` of every page started, i.e. per sequence
-    ``(slots + ceil(slots / page_size)) * token_bytes``; dense layers count as ``dense``.
+    ``slots * token_bytes + ceil(slots / page_size) * 2 * Hkv * D * bound_bytes`` (``bound_bytes``:
+    2, or the keys' element size with ``exact_bounds``); dense layers count as ``dense``.
     """
 
     token_budget: int = 1024
     page_size: int = 16
     dense_layers: int = 2
+    exact_bounds: bool = False
     oracle_recall: bool = False
     name = "quest"
 
@@ -67,14 +88,22 @@ class Quest(PolicyConfig):
             "whole pages and always to the current one; raise token_budget or lower page_size",
         )
         require_int(self.dense_layers, "dense_layers", 0)
-        require(
-            isinstance(self.oracle_recall, bool), f"oracle_recall must be True or False, got {self.oracle_recall!r}"
-        )
+        for flag in ("exact_bounds", "oracle_recall"):
+            value = getattr(self, flag)
+            require(isinstance(value, bool), f"{flag} must be True or False, got {value!r}")
 
     @property
     def budget_pages(self) -> int:
         """Pages attended per decode step and KV head, the current page included."""
         return self.token_budget // self.page_size
+
+    def bound_dtype(self, spec: ModelSpec) -> torch.dtype:
+        """The dtype of ``kmin``/``kmax``: the keys' with ``exact_bounds``, else bfloat16."""
+        return spec.dtype if self.exact_bounds else torch.bfloat16
+
+    def page_bytes(self, spec: ModelSpec) -> int:
+        """Bytes of one page's ``kmin`` + ``kmax`` over the KV heads of one sequence."""
+        return 2 * spec.num_kv_heads * spec.head_dim * self.bound_dtype(spec).itemsize
 
     def make_layer(self, layer_idx: int, spec: ModelSpec) -> KVLayer:
         if layer_idx < self.dense_layers:
@@ -84,8 +113,7 @@ class Quest(PolicyConfig):
     def analytic_bytes(self, seen: int, spec: ModelSpec, batch: int = 1) -> int:
         n_dense = min(self.dense_layers, spec.num_layers)
         pages = -(-seen // self.page_size)
-        # kmin + kmax of one page of one KV head: 2 * D elements, as K + V of one token.
-        per_quest_layer = (seen + pages) * spec.token_bytes
+        per_quest_layer = seen * spec.token_bytes + pages * self.page_bytes(spec)
         return batch * (n_dense * seen * spec.token_bytes + (spec.num_layers - n_dense) * per_quest_layer)
 
     def cache_stats(self, cache: MemfusionCache, stats: KVStats) -> None:
@@ -108,12 +136,13 @@ class QuestLayer(KVLayer):
 
     - ``k``, ``v``: ``(B, Hkv, C, S, D)`` (contiguous, so also a token-major ``(B, Hkv, C*S, D)``);
     - ``valid``: ``(B, C, S)`` bool, True for real tokens (False for padding and unwritten slots);
-    - ``kmin``, ``kmax``: ``(B, Hkv, C, D)`` over the *valid* keys of each page; ``+inf``/``-inf``
-      for a page with no valid key (such a page is never scored above a non-empty one);
+    - ``kmin``, ``kmax``: ``(B, Hkv, C, D)`` over the *valid* keys of each page (bfloat16 rounded
+      outward unless ``exact_bounds``); ``+inf``/``-inf`` for a page with no valid key (such a page is
+      never scored above a non-empty one);
     - ``nonempty``: ``(B, C)`` bool, the page holds at least one valid key.
 
     Invariant: slots ``[0, slots)`` are written, pages ``[0, ceil(slots / S))`` are started and
-    their bounds are exact over their valid keys.
+    their bounds are exact (or rounded outward) over their valid keys.
     """
 
     def __init__(self, layer_idx: int, spec: ModelSpec, cfg: Quest) -> None:
@@ -135,11 +164,17 @@ class QuestLayer(KVLayer):
         self.k = torch.zeros(batch, h, 0, S, d, dtype=s.dtype, device=s.device)
         self.v = torch.zeros_like(self.k)
         self.valid = torch.zeros(batch, 0, S, dtype=torch.bool, device=s.device)
-        self.kmin = torch.zeros(batch, h, 0, d, dtype=s.dtype, device=s.device)
+        self.kmin = torch.zeros(batch, h, 0, d, dtype=self.cfg.bound_dtype(s), device=s.device)
         self.kmax = torch.zeros_like(self.kmin)
         self.nonempty = torch.zeros(batch, 0, dtype=torch.bool, device=s.device)
         #: ``(2, rows, S*D)``: the K and V pages gathered at a selecting decode step (kept between steps).
         self._gathered = torch.empty(2, 0, S * d, dtype=s.dtype, device=s.device)
+        self._views()
+
+    def _views(self) -> None:
+        """numpy views of the buffers for the compiled decode step (CPU only), renewed with the buffers."""
+        buffers = (self.k, self.v, self.kmin, self.kmax, self.valid, self.nonempty)
+        self._host = pageattn.host_views(*buffers) if self.k.device.type == "cpu" else ()
 
     @property
     def num_pages(self) -> int:
@@ -161,6 +196,7 @@ class QuestLayer(KVLayer):
         self.valid, self.nonempty = fresh(self.valid, False), fresh(self.nonempty, False)
         self.kmin, self.kmax = fresh(self.kmin, INF), fresh(self.kmax, -INF)
         self.cap = new
+        self._views()
 
     def _flat(self, t: torch.Tensor) -> torch.Tensor:
         """``(B, Hkv, C, S, D)`` -> the written slots ``(B, Hkv, slots, D)`` (a view)."""
@@ -177,7 +213,7 @@ class QuestLayer(KVLayer):
         self.slots = end
         real = bool(valid.all())
         if m == 1 and real and pageattn.serves(k, self.k):  # decode: one real token per sequence
-            pageattn.append_token((self.k, self.v, self.kmin, self.kmax, self.valid, self.nonempty), k, v, start)
+            pageattn.append_token(self._host, k, v, start)
             return
         self.padded = self.padded or not real
         self._flat(self.k)[:, :, start:end] = k
@@ -194,14 +230,18 @@ class QuestLayer(KVLayer):
             else:  # every slot is a real token (and the page is non-empty once written)
                 kk_min = kk_max = kk
                 self.nonempty[:, p0] = True
-            torch.minimum(cur_min, kk_min, out=cur_min)
-            torch.maximum(cur_max, kk_max, out=cur_max)
+            torch.minimum(cur_min, self._rounded(kk_min, False), out=cur_min)
+            torch.maximum(cur_max, self._rounded(kk_max, True), out=cur_max)
             return
         keys = self.k[:, :, p0:p1]  # (B, Hkv, p, S, D)
         ok = self.valid[:, p0:p1].view(b, 1, p1 - p0, S, 1)  # (B, 1, p, S, 1)
-        self.kmin[:, :, p0:p1] = torch.where(ok, keys, INF).amin(dim=3)  # (B, Hkv, p, D)
-        self.kmax[:, :, p0:p1] = torch.where(ok, keys, -INF).amax(dim=3)
+        self.kmin[:, :, p0:p1] = self._rounded(torch.where(ok, keys, INF).amin(dim=3), False)  # (B, Hkv, p, D)
+        self.kmax[:, :, p0:p1] = self._rounded(torch.where(ok, keys, -INF).amax(dim=3), True)
         self.nonempty[:, p0:p1] = self.valid[:, p0:p1].any(dim=2)
+
+    def _rounded(self, bound: torch.Tensor, up: bool) -> torch.Tensor:
+        """A bound as stored: as it is with ``exact_bounds``, else bfloat16 rounded outward."""
+        return bound if self.cfg.exact_bounds else round_outward(bound, up)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scaling: float
@@ -245,8 +285,11 @@ class QuestLayer(KVLayer):
         qg = q.view(b, h, hq // h, d)  # (B, Hkv, G, D)
         q_pos = qg.clamp_min(0).sum(dim=2, keepdim=True)  # (B, Hkv, 1, D)
         q_neg = qg.clamp_max(0).sum(dim=2, keepdim=True)  # (B, Hkv, 1, D)
-        bound = torch.matmul(q_pos, self.kmax[:, :, :pages].transpose(-1, -2))  # (B, Hkv, 1, pages)
-        bound = (bound + torch.matmul(q_neg, self.kmin[:, :, :pages].transpose(-1, -2))).squeeze(2)  # (B, Hkv, pages)
+        kmin, kmax = self.kmin[:, :, :pages], self.kmax[:, :, :pages]
+        if kmin.dtype != q.dtype:  # bfloat16 bounds: scored in float32 (a rounded product could undercut the bound)
+            q_pos, q_neg, kmin, kmax = q_pos.float(), q_neg.float(), kmin.float(), kmax.float()
+        bound = torch.matmul(q_pos, kmax.transpose(-1, -2))  # (B, Hkv, 1, pages)
+        bound = (bound + torch.matmul(q_neg, kmin.transpose(-1, -2))).squeeze(2)  # (B, Hkv, pages)
         return torch.where(self.nonempty[:, None, :pages], bound, -INF) if self.padded else bound
 
     def _select_and_attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -256,9 +299,7 @@ class QuestLayer(KVLayer):
         in_place = pageattn.serves(q, self.k)
         tail = -self.slots % S  # unwritten slots at the end of the current page (the last selected)
         if in_place and not self.padded and not self.cfg.oracle_recall:  # selection and attention, one call
-            out, sel = pageattn.select_and_attend(
-                q, self.k, self.v, self.kmin, self.kmax, cur, budget - 1, S - tail, scaling
-            )
+            out, sel = pageattn.select_and_attend(q, self._host, cur, budget - 1, S - tail, scaling)
             self._count_selection(budget, sel)
             return out
         if in_place:  # bounds, top pages and their order in one pass (the same choice as below)
@@ -311,12 +352,12 @@ class QuestLayer(KVLayer):
 
     def stats(self) -> LayerStats:
         h, d, e = self.spec.num_kv_heads, self.spec.head_dim, self.spec.elem_bytes
-        per_row = 2 * h * d * e  # K+V of one slot, or kmin+kmax of one page, for one sequence
+        per_slot = 2 * h * d * e  # K+V of one slot for one sequence
         allocated = sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kmin, self.kmax))
         return LayerStats(
             self.layer_idx,
             tokens_resident=self.batch * self.slots,
-            bytes_resident=self.batch * (self.slots + self.num_pages) * per_row,
+            bytes_resident=self.batch * (self.slots * per_slot + self.num_pages * self.cfg.page_bytes(self.spec)),
             bytes_allocated=allocated,
             pages_selected=self.pages_selected,
             pages_total=self.pages_total,
