@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/kv_decode_breakdown.py --ab 4096 --quest 32768 --prefill 32768
     .venv/bin/python benchmarks/kv_decode_breakdown.py --ab 0 --quest 0 --prefill 0   # the kernel alone
     .venv/bin/python benchmarks/kv_decode_breakdown.py --ab 0 --quest 0 --prefill 0 --kernel '' --prefetch 4096,32768
+    .venv/bin/python benchmarks/kv_decode_breakdown.py --ab 0 --quest 0 --prefill 0 --kernel '' --bounds 32768
 
 1. A/B in one process (the benchmark model of `--suite kv`, batch 1): HF's DynamicCache loop,
    `dense` and `paged` (split-K kernel) and `dense` on the torch ops, interleaved ``--reps`` times:
@@ -21,6 +22,11 @@
    and 0), interleaved call by call on buffers rotated through 96 MiB (from memory), at each of
    ``--prefetch`` contexts: dense's contiguous runs and quest's scattered pages (16 rows, 1 in 8 per
    KV head, ascending). Median us per call.
+6. Quest's page bounds in the benchmark model at ``--bounds`` tokens (budget T/8, 16-token pages):
+   bfloat16 rounded outward (the default) against ``exact_bounds`` (float32), two caches prefilled
+   once and decoded step by step in turn (``--steps`` each): attention ms per compressed layer
+   (store + select + attend, as the report's attn ms/layer), median and quartiles, and how often
+   the two caches' selections differed.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import memfusion.kv as kv
 import memfusion.kv.jitkernels as jit
 from memfusion.bench.kvperf import KVBenchConfig, hf_decode_seconds, reference_llama
 from memfusion.kv import decodeattn, pageattn
+from memfusion.kv.hf import attach
 from memfusion.kv.quest import Quest, QuestLayer
 from memfusion.kv.spec import ModelSpec
 
@@ -176,6 +183,55 @@ def prefetch(contexts: list[int], calls: int = 60) -> None:
             print(f"{n} keys, {name}: prefetch {on:.0f} us, none {off:.0f} us ({off / on:.2f}x)")
 
 
+def _quest_pair(model: Any, ids: torch.Tensor, recall: bool) -> dict[str, Any]:
+    """Two quest caches of the benchmark model, bfloat16 and float32 bounds, each prefilled with ``ids``."""
+    context, name = ids.shape[1], kv.cache_kwarg(model)
+    caches = {}
+    for kind, exact in (("bfloat16", False), ("float32", True)):
+        cfg = Quest(token_budget=context // 8, page_size=16, exact_bounds=exact, oracle_recall=recall)
+        caches[f"{kind} bounds"] = cache = kv.make_cache(model, cfg)
+        with attach(model, cache):
+            for s in range(0, context, 1024):
+                out = model(ids[:, s : s + 1024], **{name: cache}, use_cache=True, logits_to_keep=1)
+    caches["next token"] = out.logits[:, -1].argmax(-1, keepdim=True)
+    return caches
+
+
+def _decode_in_turn(model: Any, caches: dict[str, Any], context: int, steps: int) -> float:
+    """Decode ``steps`` tokens with each cache in turn, step by step, both fed the float32 cache's
+    greedy tokens; returns the mean share of the last layer's selected pages the two have in common."""
+    name, tok, common = kv.cache_kwarg(model), caches.pop("next token"), []
+    for i in range(steps):
+        pos = torch.tensor([[context + i]])
+        for cache in caches.values():
+            with attach(model, cache):
+                out = model(tok, **{name: cache}, position_ids=pos, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        a, b = (c.kv_layers[-1].last_selection for c in caches.values())
+        if a is not None and b is not None:
+            common.append((a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().mean().item())
+    return statistics.mean(common) if common else float("nan")
+
+
+@torch.inference_mode()
+def bounds(context: int, steps: int) -> None:
+    model = reference_llama(KVBenchConfig(contexts=(context,)), context + steps)
+    ids = torch.randint(0, 1024, (1, context), generator=torch.Generator().manual_seed(1))
+    caches = _quest_pair(model, ids, recall=False)
+    common = _decode_in_turn(model, caches, context, steps)
+    print(f"## quest's page bounds at {context} tokens, {steps} decode steps each, in turn: attention ms per layer")
+    for label, cache in caches.items():
+        layers = cache.decode_attend_steps[cache.config.dense_layers :]
+        per_step = [statistics.mean(t) * 1e3 for t in zip(*layers, strict=True)]
+        q1, mid, q3 = statistics.quantiles(per_step, n=4)
+        print(f"{label}: {mid:.3f} [{q1:.3f}-{q3:.3f}]")
+    print(f"selected pages in common (last layer, same tokens): {common:.1%}")
+    caches = _quest_pair(model, ids, recall=True)  # again, with the oracle's recall (a dense pass per step)
+    _decode_in_turn(model, caches, context, 8)
+    recall = {label: cache.stats().extra["quest_recall"] for label, cache in caches.items()}
+    print("oracle recall over 8 steps: " + " | ".join(f"{label} {r:.3f}" for label, r in recall.items()))
+
+
 def prefill(context: int) -> None:
     model = reference_llama(KVBenchConfig(contexts=(context,)), context)
     ids = torch.randint(0, 1024, (1, context), generator=torch.Generator().manual_seed(1))
@@ -193,12 +249,16 @@ if __name__ == "__main__":
     cli.add_argument("--prefill", type=int, default=8192, help="context of the prefill comparison (0: skip)")
     cli.add_argument("--kernel", default="4096,16384,32768", help="contexts of the kernel timings ('': skip)")
     cli.add_argument("--prefetch", default="", help="contexts of the prefetch on / off A/B ('': skip)")
+    cli.add_argument("--bounds", type=int, default=0, help="context of quest's bounds A/B (0: skip)")
+    cli.add_argument("--steps", type=int, default=64, help="decode steps of each cache in the bounds A/B")
     cli.add_argument("--reps", type=int, default=3)
     args = cli.parse_args()
     if args.kernel:
         kernel([int(c) for c in args.kernel.split(",")])
     if args.prefetch:
         prefetch([int(c) for c in args.prefetch.split(",")])
+    if args.bounds:
+        bounds(args.bounds, args.steps)
     if args.ab:
         ab(args.ab, args.reps)
     if args.quest:
