@@ -125,8 +125,9 @@ class Feeder:
         return torch.cat(self.k, dim=2), torch.cat(self.v, dim=2), torch.cat(self.ok, dim=1)
 
 
-def _padded_feeder(cfg: Quest, pad: int = 11, seed: int = 0, decode: int = 3) -> Feeder:
-    """Batch 2 (row 1 left-padded by ``pad`` slots), prefilled in uneven chunks, then ``decode`` steps."""
+def _padded_feeder(cfg: Quest, pad: int = 11, seed: int = 0, decode: int = 3, padded_step: bool = False) -> Feeder:
+    """Batch 2 (row 1 left-padded by ``pad`` slots), prefilled in uneven chunks, then ``decode`` steps
+    (with ``padded_step``, row 1's last one is padding, as a finished row's)."""
     f = Feeder(cfg, _spec(), batch=2, seed=seed)
     total = 0
     for m in (7, 16, 5, 13):
@@ -134,18 +135,20 @@ def _padded_feeder(cfg: Quest, pad: int = 11, seed: int = 0, decode: int = 3) ->
         valid[1] = torch.arange(total, total + m) >= pad
         f.feed(m, valid)
         total += m
-    for _ in range(decode):
-        f.feed(1)
+    for i in range(decode):
+        f.feed(1, torch.tensor([[True], [not (padded_step and i == decode - 1)]]))
     return f
 
 
 @pytest.mark.parametrize("exact", [True, False])
-@pytest.mark.parametrize(("pad", "decode"), [(11, 3), (0, 3), (0, 6)])  # decode 6 opens a page on a decode step
+@pytest.mark.parametrize(  # decode 6 opens a page on a decode step; padded_step: a padding token at decode
+    ("pad", "decode", "padded_step"), [(11, 3, False), (0, 3, False), (0, 6, False), (0, 6, True), (0, 4, True)]
+)
 def test_page_bounds_ignore_padding_and_match_brute_force(
-    pad: int, decode: int, exact: bool, attention_path: str
+    pad: int, decode: int, padded_step: bool, exact: bool, attention_path: str
 ) -> None:
     cfg = Quest(token_budget=8, page_size=4, dense_layers=0, exact_bounds=exact)
-    f = _padded_feeder(cfg, pad=pad, decode=decode)
+    f = _padded_feeder(cfg, pad=pad, decode=decode, padded_step=padded_step)
     keys, _, ok = f.all()  # (B, Hkv, n, D), (B, n)
     n, S, G = keys.shape[2], cfg.page_size, f.spec.groups
     pages = math.ceil(n / S)

@@ -428,22 +428,28 @@ def attention_kernel(g_n: int, d_n: int, ahead_rows: int = AHEAD_ROWS) -> Any:
 
 
 @numba.njit(cache=True, nogil=True)
-def store_page_token(k_buf, v_buf, kmin, kmax, valid, nonempty, k, v, page, slot):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+def store_page_token(k_buf, v_buf, kmin, kmax, valid, nonempty, k, v, ok, page, slot):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
     # quest's decode append: k_buf, v_buf (B, Hkv, C, S, D); kmin, kmax (B, Hkv, C, D) as select_one reads
-    # them (bfloat16 patterns are rounded outward: lower / upper); valid (B, C, S);
-    # nonempty (B, C); k, v (B, Hkv, 1, D): one real token per sequence, written at (page, slot), its
-    # page's bounds widened
+    # them (bfloat16 patterns are rounded outward: lower / upper); valid (B, C, S); nonempty (B, C);
+    # k, v (B, Hkv, 1, D); ok (B, 1) bool: one token per sequence, written at (page, slot); a real one
+    # (ok) widens its page's bounds, a padding one is only marked not valid. True if every row is real.
     b_n, h_n, d_n = k.shape[0], k.shape[1], k.shape[3]
+    real = True
     for b in range(b_n):
-        valid[b, page, slot] = True
-        nonempty[b, page] = True
+        valid[b, page, slot] = ok[b, 0]
+        if ok[b, 0]:
+            nonempty[b, page] = True
+        else:
+            real = False
         for h in range(h_n):
             for j in range(d_n):
                 x = k[b, h, 0, j]
                 k_buf[b, h, page, slot, j] = x
                 v_buf[b, h, page, slot, j] = v[b, h, 0, j]
-                kmin[b, h, page, j] = lower(kmin[b, h, page, j], x)
-                kmax[b, h, page, j] = upper(kmax[b, h, page, j], x)
+                if ok[b, 0]:
+                    kmin[b, h, page, j] = lower(kmin[b, h, page, j], x)
+                    kmax[b, h, page, j] = upper(kmax[b, h, page, j], x)
+    return real
 
 
 @numba.njit(cache=True, nogil=True)

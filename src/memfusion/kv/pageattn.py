@@ -61,15 +61,20 @@ def select_pages(
     return torch.from_numpy(sel)
 
 
-def append_token(host: tuple[np.ndarray, ...], k: torch.Tensor, v: torch.Tensor, slot: int) -> None:
-    """Write one real token per sequence at token slot ``slot`` and widen its page's bounds in place.
-    ``host``: :func:`host_views` of ``(k, v, kmin, kmax, valid, nonempty)`` as
-    :class:`~memfusion.kv.quest.QuestLayer` keeps them; ``k``, ``v`` ``(B, Hkv, 1, D)``."""
+def append_token(
+    host: tuple[np.ndarray, ...], k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, slot: int
+) -> bool:
+    """Write one token per sequence at token slot ``slot``; a real one (``valid``) widens its page's
+    bounds in place, a padding one is marked not valid. ``host``: :func:`host_views` of ``(k, v, kmin,
+    kmax, valid, nonempty)`` as :class:`~memfusion.kv.quest.QuestLayer` keeps them; ``k``, ``v``
+    ``(B, Hkv, 1, D)``; ``valid (B, 1)`` bool. Returns True if every token was real."""
     page, off = divmod(slot, host[0].shape[3])
     from memfusion.kv.jitkernels import store_page_token  # numba: imported on first use
 
-    kb, vb, kmin, kmax, valid, nonempty = host
-    store_page_token(kb, vb, kmin, kmax, valid, nonempty, k.numpy(), v.numpy(), page, off)
+    kb, vb, kmin, kmax, valid_buf, nonempty = host
+    return bool(
+        store_page_token(kb, vb, kmin, kmax, valid_buf, nonempty, k.numpy(), v.numpy(), valid.numpy(), page, off)
+    )
 
 
 def page_attention(

@@ -211,11 +211,10 @@ class QuestLayer(KVLayer):
         if -(-end // S) > self.cap:
             self._grow(-(-end // S))
         self.slots = end
-        real = bool(valid.all())
-        if m == 1 and real and pageattn.serves(k, self.k):  # decode: one real token per sequence
-            pageattn.append_token(self._host, k, v, start)
+        if m == 1 and pageattn.serves(k, self.k):  # decode: one compiled call
+            self.padded = not pageattn.append_token(self._host, k, v, valid, start) or self.padded
             return
-        self.padded = self.padded or not real
+        self.padded = self.padded or not bool(valid.all())
         self._flat(self.k)[:, :, start:end] = k
         self._flat(self.v)[:, :, start:end] = v
         self.valid.view(b, self.cap * S)[:, start:end] = valid
