@@ -289,11 +289,27 @@ def select_one(q, kmin, kmax, nonempty, padded, pages, sel, b, h):  # type: igno
             else:
                 q_neg[j] += x
     bound = np.empty(pages, dtype=np.float32)
-    for p in range(pages):
+    p = 0
+    while p + 4 <= pages:  # 4 pages a block: 4 independent sums, q_pos / q_neg loaded once per block
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for j in range(d_n):
+            qp, qn = q_pos[j], q_neg[j]
+            a0 += qp * widen(kmax[b, h, p, j]) + qn * widen(kmin[b, h, p, j])
+            a1 += qp * widen(kmax[b, h, p + 1, j]) + qn * widen(kmin[b, h, p + 1, j])
+            a2 += qp * widen(kmax[b, h, p + 2, j]) + qn * widen(kmin[b, h, p + 2, j])
+            a3 += qp * widen(kmax[b, h, p + 3, j]) + qn * widen(kmin[b, h, p + 3, j])
+        bound[p], bound[p + 1], bound[p + 2], bound[p + 3] = a0, a1, a2, a3
+        p += 4
+    while p < pages:
         acc = np.float32(0.0)
         for j in range(d_n):
             acc += q_pos[j] * widen(kmax[b, h, p, j]) + q_neg[j] * widen(kmin[b, h, p, j])
-        bound[p] = acc if (not padded or nonempty[b, p]) else -np.inf
+        bound[p] = acc
+        p += 1
+    if padded:
+        for p in range(pages):
+            if not nonempty[b, p]:
+                bound[p] = -np.inf
     c = 0
     taken = np.zeros(pages, dtype=np.bool_)
     if keep > 0:
