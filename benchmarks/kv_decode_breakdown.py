@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/kv_decode_breakdown.py --ab 0 --quest 0 --prefill 0   # the kernel alone
     .venv/bin/python benchmarks/kv_decode_breakdown.py --ab 0 --quest 0 --prefill 0 --kernel '' --prefetch 4096,32768
     .venv/bin/python benchmarks/kv_decode_breakdown.py --ab 0 --quest 0 --prefill 0 --kernel '' --bounds 32768
+    .venv/bin/python benchmarks/kv_decode_breakdown.py --ab 0 --quest 0 --prefill 0 --kernel '' --hugepages 32768
 
 1. A/B in one process (the benchmark model of `--suite kv`, batch 1): HF's DynamicCache loop,
    `dense` and `paged` (split-K kernel) and `dense` on the torch ops, interleaved ``--reps`` times:
@@ -25,13 +26,17 @@
 6. Quest's page bounds in the benchmark model at ``--bounds`` tokens (budget T/8, 16-token pages):
    bfloat16 rounded outward (the default) against ``exact_bounds`` (float32), two caches prefilled
    once and decoded step by step in turn (``--steps`` each): attention ms per compressed layer
-   (store + select + attend, as the report's attn ms/layer), median and quartiles, and how often
-   the two caches' selections differed.
+   (store + select + attend, as the report's attn ms/layer), median and quartiles, the share of
+   selected pages the two have in common, and each one's oracle recall (8 more steps, two new caches).
+7. Quest's K/V pages in the benchmark model at ``--hugepages`` tokens (budget T/8, 16-token pages):
+   on transparent huge pages (the default, :mod:`memfusion.kv.hugepages`) against 4 KiB pages
+   (``MEMFUSION_HUGEPAGES=0``), decoded in turn as in 6.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -183,53 +188,83 @@ def prefetch(contexts: list[int], calls: int = 60) -> None:
             print(f"{n} keys, {name}: prefetch {on:.0f} us, none {off:.0f} us ({off / on:.2f}x)")
 
 
-def _quest_pair(model: Any, ids: torch.Tensor, recall: bool) -> dict[str, Any]:
-    """Two quest caches of the benchmark model, bfloat16 and float32 bounds, each prefilled with ``ids``."""
-    context, name = ids.shape[1], kv.cache_kwarg(model)
+Variants = dict[str, tuple[Quest, str]]
+"""Quest caches to compare: label -> (config, MEMFUSION_HUGEPAGES while that cache allocates)."""
+
+
+def _quest_pair(model: Any, ids: torch.Tensor, variants: Variants) -> dict[str, Any]:
+    """A quest cache of the benchmark model per variant, each prefilled with ``ids``."""
+    name = kv.cache_kwarg(model)
     caches = {}
-    for kind, exact in (("bfloat16", False), ("float32", True)):
-        cfg = Quest(token_budget=context // 8, page_size=16, exact_bounds=exact, oracle_recall=recall)
-        caches[f"{kind} bounds"] = cache = kv.make_cache(model, cfg)
+    for label, (cfg, huge) in variants.items():
+        os.environ["MEMFUSION_HUGEPAGES"] = huge
+        caches[label] = cache = kv.make_cache(model, cfg)
         with attach(model, cache):
-            for s in range(0, context, 1024):
+            for s in range(0, ids.shape[1], 1024):
                 out = model(ids[:, s : s + 1024], **{name: cache}, use_cache=True, logits_to_keep=1)
     caches["next token"] = out.logits[:, -1].argmax(-1, keepdim=True)
     return caches
 
 
-def _decode_in_turn(model: Any, caches: dict[str, Any], context: int, steps: int) -> float:
-    """Decode ``steps`` tokens with each cache in turn, step by step, both fed the float32 cache's
-    greedy tokens; returns the mean share of the last layer's selected pages the two have in common."""
+def _decode_in_turn(model: Any, caches: dict[str, Any], variants: Variants, context: int, steps: int) -> float:
+    """Decode ``steps`` tokens with each cache in turn, step by step, all fed the last cache's greedy
+    tokens; returns the mean share of the last layer's selected pages the first two have in common."""
     name, tok, common = kv.cache_kwarg(model), caches.pop("next token"), []
     for i in range(steps):
         pos = torch.tensor([[context + i]])
-        for cache in caches.values():
+        for label, cache in caches.items():
+            os.environ["MEMFUSION_HUGEPAGES"] = variants[label][1]
             with attach(model, cache):
                 out = model(tok, **{name: cache}, position_ids=pos, use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        a, b = (c.kv_layers[-1].last_selection for c in caches.values())
+        a, b = (c.kv_layers[-1].last_selection for c in list(caches.values())[:2])
         if a is not None and b is not None:
             common.append((a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().mean().item())
+    os.environ.pop("MEMFUSION_HUGEPAGES")
     return statistics.mean(common) if common else float("nan")
+
+
+def _attention_per_layer(caches: dict[str, Any]) -> None:
+    for label, cache in caches.items():
+        layers = cache.decode_attend_steps[cache.config.dense_layers :]
+        per_step = [statistics.mean(t) * 1e3 for t in zip(*layers, strict=True)]
+        q1, mid, q3 = statistics.quantiles(per_step, n=4)
+        print(f"{label}: {mid:.3f} [{q1:.3f}-{q3:.3f}]")
 
 
 @torch.inference_mode()
 def bounds(context: int, steps: int) -> None:
     model = reference_llama(KVBenchConfig(contexts=(context,)), context + steps)
     ids = torch.randint(0, 1024, (1, context), generator=torch.Generator().manual_seed(1))
-    caches = _quest_pair(model, ids, recall=False)
-    common = _decode_in_turn(model, caches, context, steps)
+
+    def variants(recall: bool) -> Variants:
+        return {
+            f"{kind} bounds": (Quest(token_budget=context // 8, exact_bounds=exact, oracle_recall=recall), "1")
+            for kind, exact in (("bfloat16", False), ("float32", True))
+        }
+
+    caches = _quest_pair(model, ids, variants(False))
+    common = _decode_in_turn(model, caches, variants(False), context, steps)
     print(f"## quest's page bounds at {context} tokens, {steps} decode steps each, in turn: attention ms per layer")
-    for label, cache in caches.items():
-        layers = cache.decode_attend_steps[cache.config.dense_layers :]
-        per_step = [statistics.mean(t) * 1e3 for t in zip(*layers, strict=True)]
-        q1, mid, q3 = statistics.quantiles(per_step, n=4)
-        print(f"{label}: {mid:.3f} [{q1:.3f}-{q3:.3f}]")
+    _attention_per_layer(caches)
     print(f"selected pages in common (last layer, same tokens): {common:.1%}")
-    caches = _quest_pair(model, ids, recall=True)  # again, with the oracle's recall (a dense pass per step)
-    _decode_in_turn(model, caches, context, 8)
+    caches = _quest_pair(model, ids, variants(True))  # again, with the oracle's recall (a dense pass per step)
+    _decode_in_turn(model, caches, variants(True), context, 8)
     recall = {label: cache.stats().extra["quest_recall"] for label, cache in caches.items()}
     print("oracle recall over 8 steps: " + " | ".join(f"{label} {r:.3f}" for label, r in recall.items()))
+
+
+@torch.inference_mode()
+def huge_pages(context: int, steps: int) -> None:
+    model = reference_llama(KVBenchConfig(contexts=(context,)), context + steps)
+    ids = torch.randint(0, 1024, (1, context), generator=torch.Generator().manual_seed(1))
+    cfg = Quest(token_budget=context // 8)
+    variants = {"huge pages": (cfg, "1"), "4 KiB pages": (cfg, "0")}
+    caches = _quest_pair(model, ids, variants)
+    common = _decode_in_turn(model, caches, variants, context, steps)
+    print(f"## quest's K/V pages at {context} tokens, {steps} decode steps each, in turn: attention ms per layer")
+    _attention_per_layer(caches)
+    print(f"selected pages in common (last layer, same tokens): {common:.1%}")
 
 
 def prefill(context: int) -> None:
@@ -250,7 +285,8 @@ if __name__ == "__main__":
     cli.add_argument("--kernel", default="4096,16384,32768", help="contexts of the kernel timings ('': skip)")
     cli.add_argument("--prefetch", default="", help="contexts of the prefetch on / off A/B ('': skip)")
     cli.add_argument("--bounds", type=int, default=0, help="context of quest's bounds A/B (0: skip)")
-    cli.add_argument("--steps", type=int, default=64, help="decode steps of each cache in the bounds A/B")
+    cli.add_argument("--hugepages", type=int, default=0, help="context of quest's huge pages A/B (0: skip)")
+    cli.add_argument("--steps", type=int, default=64, help="decode steps of each cache in the bounds / pages A/B")
     cli.add_argument("--reps", type=int, default=3)
     args = cli.parse_args()
     if args.kernel:
@@ -259,6 +295,8 @@ if __name__ == "__main__":
         prefetch([int(c) for c in args.prefetch.split(",")])
     if args.bounds:
         bounds(args.bounds, args.steps)
+    if args.hugepages:
+        huge_pages(args.hugepages, args.steps)
     if args.ab:
         ab(args.ab, args.reps)
     if args.quest:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from memfusion.errors import InvalidInput
-from memfusion.kv import pageattn
+from memfusion.kv import hugepages, pageattn
 from memfusion.kv.attention import grouped_attention
 from memfusion.kv.policy import EvictingLayer, KVLayer, PolicyConfig, require, require_int
 from memfusion.kv.spec import ModelSpec
@@ -188,7 +188,9 @@ class QuestLayer(KVLayer):
             shape = list(old.shape)
             axis = 2 if old.dim() >= 4 else 1  # the page axis: (B, Hkv, C, ...) or (B, C, ...)
             shape[axis] = new
-            t = torch.full(shape, fill, dtype=old.dtype, device=old.device)
+            # K/V pages are read scattered, a few at a time: on huge pages where possible (fewer TLB misses)
+            make = hugepages.full if old.dim() == 5 else torch.full
+            t = make(tuple(shape), fill, dtype=old.dtype, device=old.device)
             t.narrow(axis, 0, used).copy_(old.narrow(axis, 0, used))
             return t
 
