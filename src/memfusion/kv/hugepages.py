@@ -13,6 +13,7 @@ is ``always`` or ``madvise``) before the first write, so the pages are faulted i
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 
@@ -41,9 +42,7 @@ def full(shape: tuple[int, ...], fill: float, dtype: torch.dtype, device: torch.
     region = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     address = np.frombuffer(region, dtype=np.uint8, count=1).ctypes.data
     offset = -address % HUGE
-    try:
+    with contextlib.suppress(OSError):  # a kernel without transparent huge pages: ordinary pages, still aligned
         region.madvise(mmap.MADV_HUGEPAGE, offset, size)
-    except OSError:  # a kernel without transparent huge pages: ordinary pages, still 2 MiB-aligned
-        pass
     out = torch.frombuffer(region, dtype=dtype, count=count, offset=offset).view(shape)
     return out.fill_(fill)

@@ -118,14 +118,10 @@ def widen(x: Any) -> Any:  # pragma: no cover (typed by the overload below, for 
     raise NotImplementedError("widen is for compiled kernels")
 
 
-def lower(old: Any, x: Any) -> Any:  # pragma: no cover (typed by the overload below)
-    """A page's stored ``kmin`` element widened by the key element ``x`` (float32)."""
-    raise NotImplementedError("lower is for compiled kernels")
-
-
-def upper(old: Any, x: Any) -> Any:  # pragma: no cover (typed by the overload below)
-    """A page's stored ``kmax`` element widened by the key element ``x`` (float32)."""
-    raise NotImplementedError("upper is for compiled kernels")
+def widened(old: Any, x: Any, up: bool) -> Any:  # pragma: no cover (typed by the overload below)
+    """A page's stored bound element widened by the key element ``x`` (float32): ``kmax`` (``up``)
+    or ``kmin``; bfloat16 patterns take ``x`` rounded outward."""
+    raise NotImplementedError("widened is for compiled kernels")
 
 
 @numba.njit(cache=True, nogil=True)
@@ -150,26 +146,14 @@ def _widen(x):  # type: ignore[no-untyped-def]
     return None
 
 
-@overload(lower)
-def _lower(old, x):  # type: ignore[no-untyped-def]
+@overload(widened)
+def _widened(old, x, up):  # type: ignore[no-untyped-def]
     if isinstance(old, types.Float):
-        return lambda old, x: min(old, x)
+        return lambda old, x, up: max(old, x) if up else min(old, x)
 
-    def rounded(old, x):  # type: ignore[no-untyped-def]
-        r = bf16_outward(x, False)
-        return r if widen(r) < widen(old) else old
-
-    return rounded if old == types.uint16 else None
-
-
-@overload(upper)
-def _upper(old, x):  # type: ignore[no-untyped-def]
-    if isinstance(old, types.Float):
-        return lambda old, x: max(old, x)
-
-    def rounded(old, x):  # type: ignore[no-untyped-def]
-        r = bf16_outward(x, True)
-        return r if widen(r) > widen(old) else old
+    def rounded(old, x, up):  # type: ignore[no-untyped-def]
+        r = bf16_outward(x, up)
+        return r if (widen(r) > widen(old) if up else widen(r) < widen(old)) else old
 
     return rounded if old == types.uint16 else None
 
@@ -446,7 +430,7 @@ def attention_kernel(g_n: int, d_n: int, ahead_rows: int = AHEAD_ROWS) -> Any:
 @numba.njit(cache=True, nogil=True)
 def store_page_token(k_buf, v_buf, kmin, kmax, valid, nonempty, k, v, ok, page, slot):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
     # quest's decode append: k_buf, v_buf (B, Hkv, C, S, D); kmin, kmax (B, Hkv, C, D) as select_one reads
-    # them (bfloat16 patterns are rounded outward: lower / upper); valid (B, C, S); nonempty (B, C);
+    # them (bfloat16 patterns are rounded outward: widened); valid (B, C, S); nonempty (B, C);
     # k, v (B, Hkv, 1, D); ok (B, 1) bool: one token per sequence, written at (page, slot); a real one
     # (ok) widens its page's bounds, a padding one is only marked not valid. True if every row is real.
     b_n, h_n, d_n = k.shape[0], k.shape[1], k.shape[3]
@@ -463,8 +447,8 @@ def store_page_token(k_buf, v_buf, kmin, kmax, valid, nonempty, k, v, ok, page, 
                 k_buf[b, h, page, slot, j] = x
                 v_buf[b, h, page, slot, j] = v[b, h, 0, j]
                 if ok[b, 0]:
-                    kmin[b, h, page, j] = lower(kmin[b, h, page, j], x)
-                    kmax[b, h, page, j] = upper(kmax[b, h, page, j], x)
+                    kmin[b, h, page, j] = widened(kmin[b, h, page, j], x, False)
+                    kmax[b, h, page, j] = widened(kmax[b, h, page, j], x, True)
     return real
 
 
